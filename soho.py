@@ -139,7 +139,8 @@ def vq_lookup(v, dictionary):
     float64 for float64 inputs) even under autocast: in half precision the distances of close entries collide.
     """
     with torch.no_grad(), torch.autocast(device_type=v.device.type, enabled=False):
-        v, d = _fp32_or_wider(v), _fp32_or_wider(dictionary).to(v.dtype)
+        v = _fp32_or_wider(v)
+        d = _fp32_or_wider(dictionary).to(v.dtype)
         # ||v||^2 is the same for every j, so it does not change the argmin and is left out.
         distances = (d * d).sum(1)[None, :] - 2.0 * (v @ d.t())  # [N, k]
         return distances.argmin(dim=1)

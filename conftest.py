@@ -1,0 +1,1 @@
+# Lets `pytest` import soho, data, train and evaluate from the repository root.
