@@ -363,6 +363,7 @@ class ResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        self.train()  # modules start in training mode: freeze the BatchNorms from the start
 
     def train(self, mode=True):
         # Frozen BatchNorm keeps the (ImageNet) running statistics: with a few 600x1000 images per GPU the batch
@@ -566,9 +567,10 @@ class SOHO(nn.Module):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def task_modules(self, task):
-        """The head modules a task trains; train.py freezes the other heads (DDP wants every trained parameter
-        to receive a gradient at every step)."""
+    def task_parameters(self, task):
+        """The parameters that a task's loss reaches. train.py trains these and freezes the rest: DDP wants every
+        trained parameter to receive a gradient at every step, and heads of other tasks would not."""
+        shared = [self.backbone, self.projection, self.visual_norm, self.transformer]
         heads = {
             "pretrain": [self.mlm_transform, self.itm_head]
             + ([self.mvm_transform, self.mvm_classifier] if self.config.use_vd else []),
@@ -576,8 +578,19 @@ class SOHO(nn.Module):
             "vqa": [self.vqa_head],
             "nlvr2": [self.nlvr2_head],
             "snli-ve": [self.snli_ve_head],
-        }
-        return heads[task]
+        }[task]
+        params = [p for m in shared + heads for p in m.parameters()]
+        if task == "pretrain":
+            params.append(self.mlm_bias)
+            if self.config.use_vd:
+                params.append(self.visual_mask_embedding)
+        return params
+
+    def forward(self, task, batch, generator=None):
+        """pretrain_losses for "pretrain", task_logits otherwise (one entry point, so DDP can wrap the model)."""
+        if task == "pretrain":
+            return self.pretrain_losses(batch, generator)
+        return self.task_logits(task, batch)
 
     # --- the visual side -------------------------------------------------------------------------------------
 
@@ -720,8 +733,7 @@ class SOHO(nn.Module):
             load_exactly(model, bert_state, f"BERT weights in {bert}")
             print(f"loaded BERT from {bert}: transformer layers {taken} of {read_bert_config(bert)['num_layers']}")
         if resnet is not None:
-            state = {k: v for k, v in _load_tensor_file(resnet).items() if not k.startswith("fc.")}
-            load_exactly(model.backbone, state, f"ResNet weights in {resnet}", require_all=True)
+            load_resnet_weights(model.backbone, resnet)
         return model
 
 
@@ -813,6 +825,12 @@ def read_bert_weights(directory, num_layers):
     if unexpected:
         raise ValueError(f"{path}: unexpected keys {unexpected}")
     return state, list(range(num_layers))
+
+
+def load_resnet_weights(backbone, path):
+    """A torchvision ImageNet state dict (resnet101-*.pth) into our ResNet; its fc.* classifier is dropped."""
+    state = {k: v for k, v in _load_tensor_file(path).items() if not k.startswith("fc.")}
+    load_exactly(backbone, state, f"ResNet weights in {path}", require_all=True)
 
 
 def load_exactly(module, state, what, require_all=False):

@@ -1,13 +1,191 @@
 """
 Train SOHO: pre-training (Sec. 3, 4.1) and the four downstream fine-tunings (Sec. 4.2), from a laptop CPU to many
-GPUs. (Work in progress: the training loop follows.)
+GPUs.
+
+    python train.py                                        # tiny preset, synthetic world, CPU, a few minutes
+    python train.py --task vqa --init runs/pretrain/ckpt.pt
+    torchrun --nproc_per_node 8 train.py --preset r101 --data DIR --bert DIR --resnet FILE
+    torchrun --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 train.py --preset r101 ...
+
+Any field of TrainConfig or SOHOConfig can be overridden as --key=value (type-checked). Rerunning with the same
+--out continues from the latest checkpoint; --fresh starts over.
 """
 
+import argparse
 import contextlib
+import dataclasses
+import inspect
+import json
+import math
 import os
+import random
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field, fields
 
+import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from tqdm import tqdm
+
+import data
+import soho
+from soho import SOHO, SOHOConfig
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config: the paper's recipe per task; the presets' comments carry the batch arithmetic
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    task: str = "pretrain"  # pretrain | retrieval | vqa | nlvr2 | snli-ve
+    preset: str = "tiny"  # a key of soho.PRESETS
+    data: str = ""  # the --data layout (see data.py); empty: the built-in synthetic world
+    out: str = ""  # run folder; empty: runs/<task>
+    init: str = ""  # a pre-trained SOHO checkpoint to fine-tune from
+    bert: str = ""  # a Hugging Face BERT directory (config.json, vocab.txt, weights)
+    resnet: str = ""  # a torchvision ImageNet ResNet state dict (resnet101-*.pth)
+    retrieval_source: str = "coco"  # coco | flickr30k
+    # batch: `batch_per_gpu` examples per forward; gradient accumulation fills `global_batch` (examples per step)
+    batch_per_gpu: int = 16
+    global_batch: int = 16
+    epochs: int = 8
+    max_steps: int = 0  # stop after this many optimizer steps in all (0: run all epochs); for tests and smoke runs
+    # optimizers (Sec. 4.1): SGD for the visual backbone, AdamW for the transformer and heads
+    lr_backbone: float = 1e-2
+    weight_decay_backbone: float = 5e-4
+    momentum: float = 0.9
+    lr: float = 1e-4
+    weight_decay: float = 1e-2
+    lr_milestones: tuple = (5, 7)  # epochs at which the learning rates are multiplied by lr_decay
+    lr_decay: float = 0.1
+    warmup_steps: int = 50  # linear warm-up from 1/3 of the rates, as the official code
+    freeze_backbone_epochs: int = 0  # Sec. 3.2: the ResNet is frozen while the VD cold-starts
+    grad_clip: float = 10.0  # max gradient norm (0: off), as the official code
+    amp: str = "auto"  # bf16 | fp16 | off | auto (bf16 on a GPU that has it, fp16 on older GPUs, off on CPU)
+    num_workers: int = 2
+    skip_bad_images: bool = False  # skip unreadable images (logged and counted) instead of stopping
+    seed: int = 1337
+    log_every: int = 10  # steps between progress-bar / log.jsonl updates
+    save_every: int = 500  # steps between checkpoints (also at every epoch end and at the end)
+
+
+# The paper's recipe, per task, for the paper presets (r18, r101). Batches are counted in examples: images for
+# pre-training (each with 4 texts), image-text pairs otherwise, images pairs + sentence for NLVR2.
+PAPER_RECIPES = {
+    # 4,096 image-text pairs per step = 1,024 images x 4 texts (2 matched, 2 mismatched). 16 images per GPU (as the
+    # official code): on 32 GPUs that is 512 images per forward and 2 accumulation steps; on 8 GPUs, 8 steps.
+    "pretrain": dict(batch_per_gpu=16, global_batch=1024, epochs=40, lr_milestones=(25, 35), lr_decay=0.1,
+                     freeze_backbone_epochs=10, warmup_steps=1000),
+    # Sec. 4.2.1: t = 24 aligned pairs per mini-batch, the other 23 captions are each image's negatives. t is a
+    # per-GPU quantity (the pairs of one forward score each other), so each GPU builds its own 24 x 24 pairs.
+    "retrieval": dict(batch_per_gpu=24, global_batch=24, epochs=20, lr_milestones=(3, 5, 9, 13), lr_decay=0.5,
+                      warmup_steps=500),
+    # Sec. 4.2.2: batch 256, 18 epochs, lr x0.1 at epochs 12 and 16; BCE with soft scores. 32 per GPU x 8 GPUs.
+    "vqa": dict(batch_per_gpu=32, global_batch=256, epochs=18, lr_milestones=(12, 16), lr_decay=0.1,
+                warmup_steps=500),
+    # Sec. 4.2.3: as VQA with half the batch (two images per example): 128 = 16 per GPU x 8 GPUs.
+    "nlvr2": dict(batch_per_gpu=16, global_batch=128, epochs=18, lr_milestones=(12, 16), lr_decay=0.1,
+                  warmup_steps=500),
+    # Sec. 4.2.4: batch 128, 6 epochs, lr 1e-4 then 1e-5 after epoch 4.
+    "snli-ve": dict(batch_per_gpu=16, global_batch=128, epochs=6, lr_milestones=(4,), lr_decay=0.1,
+                    warmup_steps=500),
+}
+
+# tiny: the same recipe scaled down so that each task runs in minutes on 2 CPU cores. Epochs are 5-8 (not 18-40)
+# and milestones sit at the same fractions; the transformer is trained from scratch, so its AdamW rate is 5e-4.
+TINY_RECIPES = {
+    "pretrain": dict(batch_per_gpu=16, global_batch=16, epochs=8, lr_milestones=(5, 7), freeze_backbone_epochs=1,
+                     warmup_steps=50, lr=5e-4),
+    "retrieval": dict(batch_per_gpu=12, global_batch=12, epochs=4, lr_milestones=(2, 3), lr_decay=0.5,
+                      warmup_steps=20, lr=5e-4),
+    "vqa": dict(batch_per_gpu=32, global_batch=32, epochs=6, lr_milestones=(4, 5), warmup_steps=20, lr=5e-4),
+    "nlvr2": dict(batch_per_gpu=16, global_batch=16, epochs=6, lr_milestones=(4, 5), warmup_steps=20, lr=5e-4),
+    "snli-ve": dict(batch_per_gpu=32, global_batch=32, epochs=4, lr_milestones=(3,), warmup_steps=20, lr=5e-4),
+}
+
+
+def recipe(task, preset):
+    """The default TrainConfig fields of a task at a preset."""
+    if task not in PAPER_RECIPES:
+        raise ValueError(f"unknown task {task!r}; choose one of {list(PAPER_RECIPES)}")
+    return (TINY_RECIPES if preset == "tiny" else PAPER_RECIPES)[task]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line: a few named options, then --key=value for any config field
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _convert(name, text, typ, current):
+    """Convert the string `text` to the type of a config field, or raise a clear error."""
+    try:
+        if typ is bool or isinstance(current, bool):
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if isinstance(current, tuple) or typ is tuple:
+            return tuple(int(x) if x.strip().lstrip("-").isdigit() else float(x) for x in text.split(",") if x)
+        if isinstance(current, int) or typ is int:
+            return int(text)
+        if isinstance(current, float) or typ is float:
+            return float(text)
+        return text
+    except ValueError:
+        kind = type(current).__name__
+        raise SystemExit(f"--{name}={text}: expected a {kind} (the field's default is {current!r})") from None
+
+
+def parse_args(argv=None):
+    """Returns (TrainConfig, SOHOConfig overrides dict, flags)."""
+    p = argparse.ArgumentParser(
+        description="Train SOHO. Any TrainConfig or SOHOConfig field can also be set as --key=value; "
+        "e.g. --vd_size=1024 --epochs=2 --amp=bf16 --gradient_checkpointing=true.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="TrainConfig fields: " + ", ".join(f.name for f in fields(TrainConfig))
+        + "\nSOHOConfig fields: " + ", ".join(f.name for f in fields(SOHOConfig)),
+    )
+    p.add_argument("--task", default="pretrain", choices=list(PAPER_RECIPES))
+    p.add_argument("--preset", default="tiny", choices=list(soho.PRESETS))
+    p.add_argument("--data", default="", help="data root (see data.py); default: the synthetic world")
+    p.add_argument("--init", default="", help="a pre-trained SOHO checkpoint to fine-tune from")
+    p.add_argument("--bert", default="", help="Hugging Face BERT directory (config.json, vocab.txt, weights)")
+    p.add_argument("--resnet", default="", help="torchvision ImageNet ResNet state dict, e.g. resnet101-63fe2227.pth")
+    p.add_argument("--out", default="", help="run folder (default runs/<task>)")
+    p.add_argument("--fresh", action="store_true", help="start over even if --out holds a checkpoint")
+    p.add_argument("--resume", default="", help="continue from this checkpoint file (default: <out>/ckpt.pt)")
+    args, rest = p.parse_known_args(argv)
+
+    cfg = TrainConfig(task=args.task, preset=args.preset)
+    cfg = dataclasses.replace(cfg, **recipe(args.task, args.preset))
+    for name in ("data", "init", "bert", "resnet", "out"):
+        setattr(cfg, name, getattr(args, name))
+    train_fields = {f.name: f for f in fields(TrainConfig)}
+    model_fields = {f.name: f for f in fields(SOHOConfig)}
+    model_overrides = {}
+    for item in rest:
+        if not item.startswith("--") or "=" not in item:
+            p.error(f"unrecognised argument {item!r}; overrides are written --key=value")
+        key, value = item[2:].split("=", 1)
+        key = key.replace("-", "_")
+        if key in train_fields:
+            setattr(cfg, key, _convert(key, value, train_fields[key].type, getattr(cfg, key)))
+        elif key in model_fields:
+            model_overrides[key] = _convert(key, value, model_fields[key].type,
+                                            getattr(soho.PRESETS[args.preset], key))
+        else:
+            p.error(f"unknown config key {key!r}. TrainConfig: {sorted(train_fields)}; "
+                    f"SOHOConfig: {sorted(model_fields)}")
+    cfg.out = cfg.out or os.path.join("runs", cfg.task)
+    return cfg, model_overrides, args
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Distributed setup: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain `python train.py` sets none of them
@@ -17,7 +195,7 @@ import torch.distributed as dist
 def setup_distributed():
     """Returns (rank, world_size, local_rank, device). Starts a process group only under torchrun: NCCL when
     this process has a GPU, gloo otherwise (the same code runs on CPU, which is how the tests run it)."""
-    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1 and "RANK" not in os.environ:
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return 0, 1, 0, device
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -38,3 +216,515 @@ def autocast_context(device, amp):
         return contextlib.nullcontext()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def resolve_amp(amp, device):
+    if amp != "auto":
+        return amp
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "off"  # bf16 autocast runs on CPU but is slower there than fp32
+
+
+def wrap_ddp(model, device, local_rank):
+    """DistributedDataParallel without buffer syncing at each forward: it would copy rank 0's VD (a buffer) over
+    the others; the VD stays identical on all ranks because Eq. 4 all-reduces its statistics instead."""
+    sync_off = ({"forward_sync_buffers": False}
+                if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+                else {"broadcast_buffers": False})  # the older name (deprecated in recent PyTorch)
+    return DDP(model, device_ids=[local_rank] if device.type == "cuda" else None, **sync_off)
+
+
+def all_reduce_sum(t):
+    """Sum over ranks (a no-op without a process group); returns a new tensor."""
+    t = t.clone()
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Losses: pre-training terms averaged over all targets of all ranks; downstream losses per task
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def pretraining_loss(out, world_size):
+    """Eq. 9 from the model's loss terms, each averaged over the targets of *all* ranks.
+
+    Ranks hold different numbers of masked words and masked visual tokens. DDP averages gradients over ranks, so
+    each rank scales its sum by world_size / (global count): the result is the gradient of the global mean, the
+    same as one process on the whole batch. Returns (loss, stats for logging: global sums and counts).
+    """
+    means, stats = {}, {}
+    for name in ("mlm", "mvm", "itm"):
+        term = out[name]
+        totals = all_reduce_sum(torch.stack([term.sum.detach().float(), term.count.float(), term.correct.float()]))
+        means[name] = term.sum * world_size / totals[1].clamp(min=1)
+        stats[name] = totals
+    return soho.pretraining_objective(means["mlm"], means["mvm"], means["itm"]), stats
+
+
+def downstream_loss(task, logits, batch):
+    """The fine-tuning losses of Sec. 4.2. Returns (loss, {name: [sum, count]} for accuracy logging)."""
+    if task == "retrieval":
+        # Sec. 4.2.1: image i with caption i is aligned, with the other t - 1 captions unaligned: binary labels
+        t = logits.shape[0]
+        labels = torch.eye(t, dtype=torch.long, device=logits.device).flatten()
+        flat = logits.reshape(t * t, 2).float()
+        loss = F.cross_entropy(flat, labels)
+        top1 = (logits[..., 1] - logits[..., 0]).argmax(1) == torch.arange(t, device=logits.device)
+        return loss, {"pair_acc": [(flat.argmax(1) == labels).sum(), t * t], "batch_r1": [top1.sum(), t]}
+    if task == "vqa":
+        # BCE with soft scores, times the number of answers (formats.md), i.e. summed over answers
+        targets = batch["targets"]
+        loss = F.binary_cross_entropy_with_logits(logits.float(), targets) * targets.shape[1]
+        score = targets.gather(1, logits.argmax(1, keepdim=True)).sum()  # the VQA score of the top answer
+        return loss, {"vqa_score": [score, targets.shape[0]]}
+    labels = batch["labels"]
+    loss = F.cross_entropy(logits.float(), labels)
+    return loss, {"acc": [(logits.argmax(1) == labels).sum(), labels.numel()]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Learning-rate schedule: a pure function of the step, so a resumed run needs no scheduler state
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def lr_multiplier(step, steps_per_epoch, cfg):
+    """Linear warm-up from 1/3 over warmup_steps, then x lr_decay at each milestone epoch passed."""
+    warm = 1.0 if step >= cfg.warmup_steps else 1 / 3 + (2 / 3) * step / max(1, cfg.warmup_steps)
+    epoch = step / steps_per_epoch
+    return warm * cfg.lr_decay ** sum(epoch >= m for m in cfg.lr_milestones)
+
+
+def set_learning_rates(optimizers, multiplier):
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * multiplier
+
+
+def build_optimizers(model, cfg, task):
+    """SGD (momentum) for the ResNet, AdamW for everything else that the task trains (Sec. 4.1).
+    Biases and normalisation weights get no AdamW weight decay, as BERT."""
+    trainable = {id(p) for p in model.task_parameters(task)}
+    for p in model.parameters():
+        p.requires_grad = id(p) in trainable
+    backbone = [p for p in model.backbone.parameters() if p.requires_grad]
+    backbone_ids = {id(p) for p in backbone}
+    rest = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in backbone_ids]
+    decay = [p for n, p in rest if p.ndim >= 2]
+    no_decay = [p for n, p in rest if p.ndim < 2]
+    sgd = torch.optim.SGD([{"params": backbone, "base_lr": cfg.lr_backbone}], lr=cfg.lr_backbone,
+                          momentum=cfg.momentum, weight_decay=cfg.weight_decay_backbone)
+    adamw = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
+                               {"params": no_decay, "weight_decay": 0.0, "base_lr": cfg.lr}], lr=cfg.lr, eps=1e-6)
+    return sgd, adamw
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: everything needed to continue, written to a temporary file and renamed
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, payload):
+    """torch.save to path + '.tmp', then an atomic rename: a crash during the save keeps the previous checkpoint."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise SystemExit(f"checkpoint {path} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file: say which one
+        raise SystemExit(f"{path}: not a readable checkpoint ({e})") from None
+
+
+def load_model(path, device="cpu"):
+    """A SOHO model from a checkpoint, in eval mode, with the checkpoint dict (for evaluate.py and notebooks)."""
+    ckpt = load_checkpoint(path)
+    model = SOHO(SOHOConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt
+
+
+def init_from_pretrained(model, path, task):
+    """Fine-tuning starts from a pre-trained checkpoint: every weight is taken except the task's own head when
+    its shape differs (e.g. VQA's answer count). Anything else that does not fit is an error."""
+    state = load_checkpoint(path)["model"]
+    own = model.state_dict()
+    head_prefix = {"vqa": "vqa_head.", "nlvr2": "nlvr2_head.", "snli-ve": "snli_ve_head."}.get(task, "~")
+    skipped = [k for k in state if k.startswith(head_prefix)]
+    state = {k: v for k, v in state.items() if not k.startswith(head_prefix)}
+    unexpected = sorted(set(state) - set(own))
+    missing = sorted(k for k in set(own) - set(state) if not k.startswith(head_prefix))
+    mismatched = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if unexpected or missing or mismatched:
+        raise SystemExit(f"--init {path} does not fit this model: missing {missing}, unexpected {unexpected}, "
+                         f"shape mismatches {mismatched}. Fine-tune with the preset and overrides it was trained with.")
+    model.load_state_dict(state, strict=False)
+    return skipped
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: the resumable, sharded loader
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class SkipSampler(Sampler):
+    """The sampler of one epoch, less its first `skip` indices: a resumed run continues mid-epoch."""
+
+    def __init__(self, sampler, skip):
+        self.sampler, self.skip = sampler, skip
+
+    def __iter__(self):
+        it = iter(self.sampler)
+        for _ in range(self.skip):
+            next(it, None)
+        yield from it
+
+    def __len__(self):
+        return max(0, len(self.sampler) - self.skip)
+
+
+def make_loader(dataset, cfg, epoch, skip_examples, rank, world_size):
+    # drop_last: every rank runs the same number of steps, and each step has a full batch
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed,
+                                 drop_last=True)
+    sampler.set_epoch(epoch)
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+    return DataLoader(dataset, batch_size=cfg.batch_per_gpu, sampler=SkipSampler(sampler, skip_examples),
+                      num_workers=cfg.num_workers, collate_fn=dataset.collate, drop_last=True,
+                      persistent_workers=False, pin_memory=False,
+                      # a generator of its own: building the loader must not draw from the global RNG, or a
+                      # resumed run would continue from a different random state than a straight one
+                      generator=torch.Generator().manual_seed(cfg.seed + epoch))
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class VDHealth:
+    """How much of the visual dictionary is in use: the fraction of entries chosen over the last steps, and
+    the perplexity exp(H(p)) of the assignment distribution p (k if all entries were used equally)."""
+
+    def __init__(self, k):
+        self.counts = torch.zeros(k)
+
+    def add(self, counts):
+        self.counts += counts.float().cpu()
+
+    def summary(self):
+        total = self.counts.sum()
+        if total == 0:
+            return {}
+        p = self.counts / total
+        entropy = -(p[p > 0] * p[p > 0].log()).sum()
+        out = {"vd_used": (self.counts > 0).float().mean().item(), "vd_ppl": entropy.exp().item()}
+        self.counts.zero_()
+        return out
+
+
+def train(cfg, model_overrides, args=None):
+    rank, world_size, local_rank, device = setup_distributed()
+    master_process = rank == 0
+    amp = resolve_amp(cfg.amp, device)
+    task = cfg.task
+
+    # --- resume? -------------------------------------------------------------------------------------------------
+    resume_path = (args.resume if args and args.resume else os.path.join(cfg.out, "ckpt.pt"))
+    ckpt = None
+    if os.path.isfile(resume_path) and not (args and args.fresh):
+        ckpt = load_checkpoint(resume_path)
+        if ckpt["task"] != task:
+            raise SystemExit(f"{resume_path} is a {ckpt['task']} checkpoint, not {task}: pass --out or --fresh")
+        saved = ckpt["train_config"]
+        # the run continues with its own config; only the stopping point and logging may change
+        cfg = dataclasses.replace(TrainConfig(**{**saved, "lr_milestones": tuple(saved["lr_milestones"])}),
+                                  max_steps=cfg.max_steps, log_every=cfg.log_every, save_every=cfg.save_every,
+                                  num_workers=cfg.num_workers)
+
+    # --- data --------------------------------------------------------------------------------------------------------
+    data_root = cfg.data or (ckpt["data_root"] if ckpt else "")
+    if not data_root:
+        data_root = data.default_data_root()
+        if master_process:
+            data.ensure_synthetic_world(data_root)
+        if dist.is_initialized():
+            dist.barrier()  # the other ranks wait until rank 0 has written the world
+    vocab_path = os.path.join(cfg.bert, "vocab.txt") if cfg.bert else os.path.join(data_root, "vocab.txt")
+    if ckpt:
+        vocab_path = ckpt["vocab_path"]
+    elif cfg.init:
+        vocab_path = load_checkpoint(cfg.init)["vocab_path"]
+    if not os.path.isfile(vocab_path):
+        raise SystemExit(f"no vocabulary at {vocab_path}: pass --bert DIR (a BERT directory with vocab.txt)")
+
+    # --- model ------------------------------------------------------------------------------------------------------
+    torch.manual_seed(cfg.seed)  # the same initial weights and VD on every rank
+    if ckpt:
+        model_cfg = SOHOConfig(**ckpt["model_config"])
+    elif cfg.init:
+        model_cfg = dataclasses.replace(SOHOConfig(**load_checkpoint(cfg.init)["model_config"]), **model_overrides)
+    else:
+        model_cfg = soho.config_from_preset(cfg.preset, **model_overrides)
+    tokenizer = data.Tokenizer.from_vocab(vocab_path, model_cfg.max_text_len)
+    if not cfg.bert:
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
+    dataset = build_train_dataset(cfg, data_root, tokenizer, model_cfg)
+    answers = getattr(dataset, "answers", None)
+    if task == "vqa":
+        model_cfg = dataclasses.replace(model_cfg, num_answers=len(answers))
+
+    if cfg.bert and not ckpt and not cfg.init:
+        model = SOHO.from_pretrained(cfg.preset, bert=cfg.bert, resnet=cfg.resnet or None,
+                                     **{**asdict(model_cfg), **model_overrides,
+                                        "vocab_size": model_cfg.vocab_size})
+    else:
+        model = SOHO(model_cfg)
+        if cfg.resnet and not ckpt and not cfg.init:
+            soho.load_resnet_weights(model.backbone, cfg.resnet)
+    if cfg.init and not ckpt:
+        skipped = init_from_pretrained(model, cfg.init, task)
+        if master_process:
+            print(f"initialised from {cfg.init}" + (f" (new {task} head)" if skipped else ""))
+    model.to(device)
+    sgd, adamw = build_optimizers(model, cfg, task)
+    optimizers = (sgd, adamw)
+    scaler = torch.amp.GradScaler(device.type, enabled=(amp == "fp16"))
+
+    # --- batch arithmetic ----------------------------------------------------------------------------------------
+    per_step = cfg.batch_per_gpu * world_size
+    if cfg.global_batch % per_step:
+        raise SystemExit(f"global_batch {cfg.global_batch} is not a multiple of batch_per_gpu {cfg.batch_per_gpu} x "
+                         f"{world_size} processes; change --batch_per_gpu or --global_batch")
+    accum = cfg.global_batch // per_step
+    steps_per_epoch = len(dataset) // (cfg.global_batch)
+    if steps_per_epoch == 0:
+        raise SystemExit(f"the {task} data set has {len(dataset)} examples, fewer than one global batch "
+                         f"({cfg.global_batch})")
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+
+    step, epoch, step_in_epoch = 0, 0, 0
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        sgd.load_state_dict(ckpt["optimizers"][0])
+        adamw.load_state_dict(ckpt["optimizers"][1])
+        scaler.load_state_dict(ckpt["scaler"])
+        step, epoch, step_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["step_in_epoch"]
+    torch.manual_seed(cfg.seed + rank)  # per-rank randomness from here on: dropout, MVM masking
+    np.random.seed(cfg.seed + rank)
+    random.seed(cfg.seed + rank)
+    if ckpt and ckpt["world_size"] == world_size:
+        set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
+
+    if master_process:
+        os.makedirs(cfg.out, exist_ok=True)
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            json.dump({"train": asdict(cfg), "model": asdict(model_cfg), "world_size": world_size, "amp": amp,
+                       "accumulation_steps": accum, "steps_per_epoch": steps_per_epoch, "data_root": data_root,
+                       "vocab_path": vocab_path}, f, indent=2)
+        print(f"{task} | preset {cfg.preset} | {soho.count_parameters(model) / 1e6:.1f}M parameters | "
+              f"{world_size} process(es) on {device.type} | amp {amp}\n"
+              f"global batch {cfg.global_batch} = {cfg.batch_per_gpu} per process x {world_size} x {accum} "
+              f"accumulation step(s) | {len(dataset)} examples, {steps_per_epoch} steps/epoch, {total_steps} steps"
+              + (f" | resuming at step {step}" if ckpt else ""))
+
+    def checkpoint_payload():
+        rngs = [None] * world_size if dist.is_initialized() else None
+        if dist.is_initialized():
+            dist.all_gather_object(rngs, rng_state())
+        return {"model": model.state_dict(), "optimizers": [sgd.state_dict(), adamw.state_dict()],
+                "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "step_in_epoch": step_in_epoch,
+                "rng": rngs if rngs else rng_state(), "world_size": world_size, "task": task,
+                "model_config": asdict(model_cfg), "train_config": asdict(cfg), "vocab_path": vocab_path,
+                "data_root": data_root, "answers": answers, "retrieval_source": cfg.retrieval_source,
+                "metrics": last_metrics}
+
+    saved_step = step if ckpt else -1
+
+    def save():
+        nonlocal saved_step
+        payload = checkpoint_payload()  # every rank joins the RNG gather; rank 0 writes
+        if master_process:
+            save_checkpoint(os.path.join(cfg.out, "ckpt.pt"), payload)
+        saved_step = step
+
+    # --- the loop ------------------------------------------------------------------------------------------------
+    ddp_model, frozen = None, None
+    vd_health = VDHealth(model_cfg.vd_size) if model_cfg.use_vd and task == "pretrain" else None
+    window = defaultdict(lambda: torch.zeros(2, dtype=torch.float64))  # name -> [sum, count] since the last log
+    last_metrics, log_path = {}, os.path.join(cfg.out, "log.jsonl")
+    wait_time = compute_time = 0.0
+    bar = tqdm(total=total_steps, initial=step, disable=not master_process, dynamic_ncols=True, desc=task)
+    started = time.time()
+    while step < total_steps:
+        # Sec. 3.2: the ResNet stays frozen for the first epochs of pre-training (VD cold start). DDP is rebuilt
+        # when this changes, because it registers the trained parameters once, at construction.
+        freeze = task == "pretrain" and epoch < cfg.freeze_backbone_epochs
+        if ddp_model is None or freeze != frozen:
+            for p in model.backbone.parameters():
+                p.requires_grad = not freeze
+            frozen = freeze
+            ddp_model = model
+            if dist.is_initialized():
+                ddp_model = wrap_ddp(model, device, local_rank)
+        loader = make_loader(dataset, cfg, epoch, step_in_epoch * cfg.global_batch // world_size, rank, world_size)
+        batches = iter(loader)
+        model.train()
+        while step_in_epoch < steps_per_epoch and step < total_steps:
+            set_learning_rates(optimizers, lr_multiplier(step, steps_per_epoch, cfg))
+            for micro in range(accum):
+                t0 = time.time()
+                batch = to_device(next(batches), device)
+                t1 = time.time()
+                # gradients are all-reduced on the last micro-step only
+                sync = micro == accum - 1 or not isinstance(ddp_model, DDP)
+                with (contextlib.nullcontext() if sync else ddp_model.no_sync()), autocast_context(device, amp):
+                    out = ddp_model(task, batch)
+                    if task == "pretrain":
+                        loss, stats = pretraining_loss(out, world_size)
+                    else:
+                        loss, stats = downstream_loss(task, out, batch)
+                        stats = {k: all_reduce_sum(torch.tensor([float(s), float(c)])) for k, (s, c) in stats.items()}
+                        stats["loss"] = all_reduce_sum(torch.tensor([loss.item(), 1.0]))
+                    check_finite(loss, stats, step, task)
+                    scaler.scale(loss / accum).backward()  # the mean over micro-steps
+                for name, s in stats.items():
+                    window[name] += s[:2].double().cpu()
+                    if task == "pretrain":
+                        window[name + "_acc"] += torch.stack([s[2], s[1]]).double().cpu()
+                wait_time += t1 - t0
+                compute_time += time.time() - t1
+            for opt in optimizers:
+                scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+            for opt in optimizers:
+                scaler.step(opt)
+            scaler.update()
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            if model.visual_dictionary is not None and task == "pretrain":
+                counts = model.visual_dictionary.update()  # Eq. 4, once per optimizer step, on the global batch
+                vd_health.add(counts)
+            step += 1
+            step_in_epoch += 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == total_steps:
+                last_metrics = summarise(window, task, vd_health, optimizers, step, epoch, wait_time, compute_time)
+                window.clear()
+                if master_process:
+                    bar.set_postfix_str(format_metrics(last_metrics))
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(last_metrics) + "\n")
+            if step % cfg.save_every == 0:
+                save()
+        if step_in_epoch >= steps_per_epoch:
+            epoch, step_in_epoch = epoch + 1, 0
+            skipped_images = getattr(dataset, "skipped", None)
+            if master_process and skipped_images:
+                print(f"epoch {epoch}: skipped {len(skipped_images)} unreadable image(s) so far (see the log above)")
+            save()
+    bar.close()
+    if saved_step != step:  # the end fell between checkpoints: save where we stopped
+        save()
+    elapsed = time.time() - started
+    if master_process:
+        print_summary(cfg, task, last_metrics, elapsed, wait_time, compute_time)
+    if dist.is_initialized():
+        dist.barrier()
+    return last_metrics
+
+
+def build_train_dataset(cfg, data_root, tokenizer, model_cfg):
+    # seed: each example's randomness (negatives, MLM masks) is a function of (seed, epoch, index), so it does
+    # not depend on the number of ranks or workers, and a resumed run sees the same batches as a straight one
+    opts = {"skip_bad_images": cfg.skip_bad_images, "seed": cfg.seed}
+    if cfg.task == "retrieval":
+        opts["source"] = cfg.retrieval_source
+    return data.build_dataset(cfg.task, "train", data_root, tokenizer, model_cfg, **opts)
+
+
+def check_finite(loss, stats, step, task):
+    """Stop on a non-finite loss, naming the step and the terms; the last checkpoint on disk stays as it was."""
+    bad = torch.tensor(0.0 if torch.isfinite(loss).item() else 1.0)
+    if all_reduce_sum(bad).item() > 0:
+        terms = ", ".join(f"{k}={(v[0] / max(float(v[1]), 1)):.4g}" for k, v in stats.items())
+        raise FloatingPointError(f"non-finite {task} loss at step {step + 1} ({terms}); stopping. The last "
+                                 f"checkpoint is untouched: lower the learning rate or try --amp=off")
+
+
+def summarise(window, task, vd_health, optimizers, step, epoch, wait_time, compute_time):
+    m = {"step": step, "epoch": epoch}
+    for name, (s, c) in window.items():
+        m[name] = (s / max(c, 1)).item()
+    if task == "pretrain":
+        m["loss"] = sum(m.get(k, 0.0) for k in ("mlm", "mvm", "itm"))
+    if vd_health:
+        m.update(vd_health.summary())
+    m["lr"] = optimizers[1].param_groups[0]["lr"]
+    m["lr_backbone"] = optimizers[0].param_groups[0]["lr"]
+    m["data_wait"] = wait_time / max(wait_time + compute_time, 1e-9)
+    return m
+
+
+def format_metrics(m):
+    keys = ["loss", "mlm", "mvm", "itm", "mlm_acc", "mvm_acc", "itm_acc", "vd_used", "vd_ppl", "pair_acc",
+            "batch_r1", "vqa_score", "acc", "lr"]
+    return " ".join(f"{k}={m[k]:.3g}" for k in keys if k in m)
+
+
+def print_summary(cfg, task, m, elapsed, wait_time, compute_time):
+    ckpt = os.path.join(cfg.out, "ckpt.pt")
+    print(f"\ndone in {elapsed / 60:.1f} min; checkpoint: {ckpt}")
+    print("reached (mean over the last logging window): " + format_metrics(m))
+    print(f"share of step time spent waiting for data ({cfg.num_workers} workers): "
+          f"{100 * wait_time / max(wait_time + compute_time, 1e-9):.1f}%")
+    data_flag = f" --data {cfg.data}" if cfg.data else ""
+    if task == "pretrain":
+        print("next: fine-tune and evaluate, e.g.\n"
+              f"  python train.py --task vqa --init {ckpt}{data_flag}\n"
+              f"  python evaluate.py --task vd --checkpoint {ckpt}")
+    else:
+        print(f"next: python evaluate.py --task {task} --checkpoint {ckpt}{data_flag}")
+
+
+def main(argv=None):
+    cfg, model_overrides, args = parse_args(argv)
+    try:
+        return train(cfg, model_overrides, args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

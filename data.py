@@ -1,0 +1,1061 @@
+"""
+Data for SOHO: the public data sets read as they are on disk, the batches of the paper, and a synthetic world.
+
+Point `--data DIR` at a folder with this layout. Every part is optional: a task needs only its own files, and a
+task whose files are missing raises a DataError that lists what it looked for and where.
+
+    DIR/
+      vocab.txt                                 WordPiece vocabulary (BERT's bert-base-uncased vocab.txt, or the
+                                                synthetic world's; train.py decides which one to use)
+      coco/
+        dataset_coco.json                       Karpathy split: train / restval / val / test
+        train2014/COCO_train2014_<id>.jpg       COCO images (pre-training, retrieval, and VQA v2, which reuses them)
+        val2014/COCO_val2014_<id>.jpg
+        test2015/COCO_test2015_<id>.jpg         only for VQA test-dev / test-std
+      vg/
+        region_descriptions.json
+        image_data.json
+        VG_100K/<id>.jpg, VG_100K_2/<id>.jpg
+      vqa/
+        v2_OpenEnded_mscoco_{train2014,val2014,test2015,test-dev2015}_questions.json
+        v2_mscoco_{train2014,val2014}_annotations.json
+                                                (no images here: VQA reads coco/train2014, coco/val2014, coco/test2015)
+      nlvr2/
+        train.json, dev.json, test1.json        JSON Lines, as released
+        images/train/<directory>/<pair>-img0.png, -img1.png
+        dev/<pair>-img{0,1}.png                 as the image zips unpack (images/dev/ and images/test1/ work too)
+        test1/<pair>-img{0,1}.png
+      flickr30k/
+        dataset_flickr30k.json                  Karpathy split: train / val / test
+        flickr30k-images/<id>.jpg               (SNLI-VE reads its images here too)
+      snli-ve/
+        snli_ve_{train,dev,test}.jsonl
+
+Tasks and splits for build_dataset(task, split, ...):
+
+    pretrain   train                  COCO train + restval captions and VG region descriptions (VG images whose
+                                      coco_id is in the COCO val/test splits are dropped)
+    retrieval  train, val, test       source="coco" or "flickr30k"; train = COCO train + restval / Flickr train;
+                                      val/test return the images (each once) with the first 5 captions in `.texts`
+    vqa        train                  train2014 + val2014 questions (the paper trains on both)
+               train2014, val         train2014 alone, and val2014, for a local train / evaluate run
+               test-dev, test         test-dev2015 and test2015 (= test-std) questions, for the submission file
+    nlvr2      train, dev, test1
+    snli-ve    train, dev, test
+
+With no --data the training script calls ensure_synthetic_world(default_data_root()), which renders a small world
+of coloured shapes once, in exactly these formats and this layout (see "Synthetic world" below), so that every
+task runs end to end in minutes on a laptop CPU. `python data.py synth --out DIR` writes one by hand,
+`python data.py check --data DIR` counts what a folder holds, `python data.py bench` times the loading.
+"""
+
+import argparse
+import collections
+import io
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+import tokenizers
+from PIL import Image, ImageDraw
+
+log = logging.getLogger("soho.data")
+
+
+class DataError(ValueError):
+    """A data file is missing, unreadable or not in the expected format. The message names the file."""
+
+
+# ---- Files ----
+# Small helpers so that every format error names the file, the line or key, and what was expected.
+
+def read_json(path, expected):
+    """Parse a JSON file; `expected` says in words what the file should hold (for the error message)."""
+    if not os.path.isfile(path):
+        raise DataError(f"missing file {path} (expected {expected})")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: line {e.lineno}, column {e.colno}: malformed JSON ({e.msg}); expected {expected}")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read ({e}); expected {expected}")
+
+
+def read_json_lines(path, expected):
+    """Parse a JSON Lines file into a list of (line number, record dict); blank lines are ignored."""
+    if not os.path.isfile(path):
+        raise DataError(f"missing file {path} (expected {expected})")
+    records = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}: line {line_no}: malformed JSON ({e.msg}); expected {expected}")
+                if not isinstance(record, dict):
+                    raise DataError(f"{path}: line {line_no}: expected a JSON object ({expected})")
+                records.append((line_no, record))
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read ({e}); expected {expected}")
+    return records
+
+
+def field(record, key, where):
+    """record[key], or a DataError that says where the key is missing."""
+    if not isinstance(record, dict) or key not in record:
+        raise DataError(f"{where}: missing key '{key}'")
+    return record[key]
+
+
+def require_files(task, paths):
+    """Raise one DataError listing every missing file of a task (so the user sees all of them at once)."""
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        raise DataError(f"{task}: missing " + ", ".join(missing) + " (see the data layout in data.py's docstring)")
+
+
+class StringTable:
+    """Many strings packed into two numpy arrays.
+
+    Why: DataLoader workers are forked; reading a Python list of millions of str objects touches their reference
+    counts, which makes every worker copy those pages (the data set's memory multiplied by the number of workers).
+    numpy buffers have no per-item reference counts and stay shared.
+    """
+
+    def __init__(self, strings=()):
+        blobs = [s.encode("utf-8") for s in strings]
+        lengths = np.array([len(b) for b in blobs], dtype=np.int64)
+        self.offsets = np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(lengths)])
+        self.data = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        return self.data[self.offsets[i]:self.offsets[i + 1]].tobytes().decode("utf-8")
+
+
+# ---- Text ----
+# BERT's WordPiece tokenization (bert-base-uncased rules) built with `tokenizers`, and BERT's MLM masking.
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+class Tokenizer:
+    """BERT uncased WordPiece: `[CLS] pieces [SEP]`, truncated to max_len ids (both special tokens included).
+
+    The normaliser (clean control characters, split CJK characters, lower-case, strip accents), the pre-tokeniser
+    (whitespace and punctuation) and greedy longest-match WordPiece with [UNK] for a word that cannot be split are
+    those of BERT's reference tokenizer, so the ids equal bert-base-uncased's for the same vocab.txt. The special
+    tokens written literally in a text ("[MASK]") are kept whole, as BERT does.
+    """
+
+    def __init__(self, tokens, max_len=16):
+        self.tokens = list(tokens)
+        self.max_len = max_len
+        ids = {t: i for i, t in enumerate(self.tokens)}
+        missing = [t for t in SPECIAL_TOKENS if t not in ids]
+        if missing:
+            raise DataError(f"vocabulary lacks the special tokens {missing}")
+        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (ids[t] for t in SPECIAL_TOKENS)
+        self.special_ids = (self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id)
+        self.vocab_size = len(self.tokens)
+        self._tok = tokenizers.Tokenizer(tokenizers.models.WordPiece(
+            ids, unk_token="[UNK]", max_input_chars_per_word=100, continuing_subword_prefix="##"))
+        self._tok.normalizer = tokenizers.normalizers.BertNormalizer(
+            clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True)  # None: strip if lower
+        self._tok.pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
+        self._tok.decoder = tokenizers.decoders.WordPiece(prefix="##")
+        self._tok.add_special_tokens(list(SPECIAL_TOKENS))
+
+    @classmethod
+    def from_vocab(cls, path, max_len=16):
+        """Read a BERT vocab.txt: one token per line, the line number is the id."""
+        if not os.path.isfile(path):
+            raise DataError(f"missing vocabulary file {path} (expected a BERT vocab.txt, one token per line)")
+        with open(path, encoding="utf-8") as f:
+            tokens = [line.rstrip("\r\n") for line in f]
+        try:
+            return cls(tokens, max_len)
+        except DataError as e:
+            raise DataError(f"{path}: {e}")
+
+    def encode(self, text, max_len=None):
+        """Ids of `[CLS] text [SEP]`, truncated (at the end of the text) to max_len ids in all."""
+        max_len = max_len or self.max_len
+        pieces = self._tok.encode(text, add_special_tokens=False).ids[:max_len - 2]
+        return [self.cls_id] + pieces + [self.sep_id]
+
+    def encode_batch(self, texts, max_len=None):
+        """(input_ids long [B, T], text_mask bool [B, T]) padded with [PAD] to the longest text of the batch."""
+        return pad_token_rows([self.encode(t, max_len) for t in texts], self.pad_id)
+
+    def decode(self, ids):
+        """Text of the ids, special tokens left out and ##pieces joined."""
+        ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+    # a tokenizers.Tokenizer pickles too, but the token list is the smallest faithful state for DataLoader workers
+    def __getstate__(self):
+        return {"tokens": self.tokens, "max_len": self.max_len}
+
+    def __setstate__(self, state):
+        self.__init__(state["tokens"], state["max_len"])
+
+
+def pad_token_rows(rows, pad_value):
+    """Lists of ids of different lengths -> (long [N, T] padded with pad_value, bool [N, T] True on real ids)."""
+    width = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), width), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.as_tensor(row, dtype=torch.long)
+        mask[i, :len(row)] = True
+    return ids, mask
+
+
+def train_wordpiece_vocab(texts, out_path, vocab_size=1000, min_frequency=1):
+    """Train a lower-cased WordPiece vocabulary on `texts` (BERT's rules) and write it as a BERT vocab.txt.
+
+    The five special tokens come first ([PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4); Tokenizer looks them up
+    by name, so this order need not be BERT's.
+    """
+    tok = tokenizers.Tokenizer(tokenizers.models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = tokenizers.normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
+    trainer = tokenizers.trainers.WordPieceTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS),
+        continuing_subword_prefix="##", show_progress=False)
+    tok.train_from_iterator(list(texts), trainer)
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    with open(out_path, "w", encoding="utf-8") as f:
+        f.writelines(token + "\n" for token, _ in vocab)
+    return out_path
+
+
+def mask_tokens(input_ids, text_mask, tokenizer, prob=0.15, generator=None, at_least_one=True):
+    """BERT's masked-language-model corruption. Returns (masked_ids, labels), both long like input_ids.
+
+    `prob` of the real, non-special tokens are chosen (and at least one per row that has any, so that a short
+    caption still teaches something); labels hold their original id there and -100 elsewhere. Of the chosen ones
+    80% become [MASK], 10% a random non-special token and 10% stay as they are. `tokenizer` is anything with
+    mask_id, vocab_size and special_ids (a Tokenizer, or a SimpleNamespace). Special tokens are never chosen.
+    """
+    special = torch.tensor(sorted(set(tokenizer.special_ids)), dtype=torch.long)
+    candidates = text_mask.bool() & ~torch.isin(input_ids, special)
+    chosen = (torch.rand(input_ids.shape, generator=generator) < prob) & candidates
+    if at_least_one:
+        empty_rows = ~chosen.any(dim=1) & candidates.any(dim=1)
+        scores = torch.rand(input_ids.shape, generator=generator).masked_fill(~candidates, -1.0)
+        pick = scores.argmax(dim=1)  # a uniformly random candidate of each row
+        rows = empty_rows.nonzero().flatten()
+        chosen[rows, pick[rows]] = True
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
+
+    action = torch.rand(input_ids.shape, generator=generator)
+    to_mask = chosen & (action < 0.8)
+    to_random = chosen & (action >= 0.8) & (action < 0.9)
+    # a uniform draw over the non-special ids: draw in [0, V - #special), then step over each special id in order
+    random_ids = torch.randint(tokenizer.vocab_size - len(special), input_ids.shape, generator=generator)
+    for s in special.tolist():
+        random_ids += (random_ids >= s).long()
+    masked = input_ids.clone()
+    masked[to_mask] = tokenizer.mask_id
+    masked[to_random] = random_ids[to_random]
+    return masked, labels
+
+
+# ---- Images ----
+# Sec. 4.1: short side to 600, long side at most 1000, bilinear; ImageNet statistics; zero padding to a multiple
+# of 32 and to the largest image of the batch, with a mask of the real pixels.
+
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+
+
+def load_image(path):
+    """Decode an image file to RGB. The format is read from the content, not the extension (some NLVR2 .png files
+    are JPEGs). Grayscale, palette, CMYK and alpha images are converted; transparency is laid on white."""
+    if not os.path.isfile(path):
+        raise DataError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now, so that a truncated file fails here and not later in a worker
+            if img.mode == "P" and "transparency" in img.info:
+                img = img.convert("RGBA")
+            if img.mode in ("RGBA", "LA", "PA"):
+                rgba = img.convert("RGBA")
+                img = Image.new("RGB", rgba.size, (255, 255, 255))
+                img.paste(rgba, mask=rgba.getchannel("A"))
+            return img.convert("RGB") if img.mode != "RGB" else img.copy()
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, struct.error...
+        raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}")
+
+
+def resize_image(img, short=600, long=1000):
+    """Scale so that the short side is `short` and the long side at most `long` (the smaller of the two ratios;
+    small images are enlarged), bilinear."""
+    w, h = img.size
+    scale = min(short / min(w, h), long / max(w, h))
+    size = (max(1, int(w * scale + 0.5)), max(1, int(h * scale + 0.5)))
+    return img if size == (w, h) else img.resize(size, Image.BILINEAR)
+
+
+def image_to_tensor(img):
+    """RGB PIL image -> float32 [3, h, w] normalised with the ImageNet mean and std."""
+    pixels = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    return (pixels.float() / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def pad_images(images, size_divisor=32):
+    """List of [3, h, w] -> (images [B, 3, H, W], image_mask bool [B, H, W]); zeros bottom/right, H and W the
+    largest h and w rounded up to a multiple of size_divisor; the mask is True exactly over the real pixels."""
+    H = math.ceil(max(x.shape[1] for x in images) / size_divisor) * size_divisor
+    W = math.ceil(max(x.shape[2] for x in images) / size_divisor) * size_divisor
+    out = torch.zeros(len(images), 3, H, W)
+    mask = torch.zeros(len(images), H, W, dtype=torch.bool)
+    for i, x in enumerate(images):
+        out[i, :, :x.shape[1], :x.shape[2]] = x
+        mask[i, :x.shape[1], :x.shape[2]] = True
+    return out, mask
+
+
+# ---- VQA answers ----
+# The official VQA evaluator's answer processing (the accuracy in evaluate.py imports these), the 3,129-answer
+# vocabulary and the soft scores. The quirks of the official code are kept on purpose, so that scores match.
+
+_CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
+    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
+    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
+    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm", "Ive": "I've",
+    "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll", "let's": "let's",
+    "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've", "mightn'tve": "mightn't've",
+    "mightve": "might've", "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
+    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at",
+    "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's",
+    "shouldve": "should've", "shouldnt": "shouldn't", "shouldnt've": "shouldn't've",
+    "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd", "somebodyd've": "somebody'd've",
+    "somebody'dve": "somebody'd've", "somebodyll": "somebody'll", "somebodys": "somebody's",
+    "someoned": "someone'd", "someoned've": "someone'd've", "someone'dve": "someone'd've",
+    "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd",
+    "somethingd've": "something'd've", "something'dve": "something'd've", "somethingll": "something'll",
+    "thats": "that's", "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
+    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
+    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas",
+    "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't",
+    "whatll": "what'll", "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's",
+    "whered": "where'd", "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
+    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll",
+    "whyre": "why're", "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll",
+    "y'allll": "y'all'll", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
+    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're",
+    "youve": "you've",
+}
+_NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_ARTICLES = {"a", "an", "the"}
+_PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
+                "?", "!"]
+# The official pattern means "(?<!\d)" but is written "(?!<=\d)", a lookahead that is nearly always true: keep it.
+_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
+
+
+def process_punctuation(text):
+    """The official step 1: a punctuation mark next to a space (or anywhere, if the answer has a digit,digit) is
+    deleted, otherwise replaced by a space; periods not followed by a digit are removed."""
+    out = text
+    delete = _COMMA_STRIP.search(text) is not None
+    for p in _PUNCTUATION:
+        if delete or (p + " ") in text or (" " + p) in text:  # tested on the input text, as the official code does
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    return _PERIOD_STRIP.sub("", out, count=re.UNICODE)  # the official code passes re.UNICODE (32) as the count
+
+
+def process_digit_article(text):
+    """The official step 2: lower-case, number words zero..ten (and "none") to digits, drop a/an/the, restore
+    apostrophes of contractions ("dont" -> "don't")."""
+    words = [_NUMBER_WORDS.get(w, w) for w in text.lower().split()]
+    words = [w for w in words if w not in _ARTICLES]
+    return " ".join(_CONTRACTIONS.get(w, w) for w in words)
+
+
+def normalize_answer(answer):
+    """What the official evaluator compares: tabs/newlines to spaces, strip, punctuation, digits and articles.
+    (The evaluator applies the last two only when the 10 human answers disagree; evaluate.py decides that.)"""
+    answer = answer.replace("\n", " ").replace("\t", " ").strip()
+    return process_digit_article(process_punctuation(answer))
+
+
+def normalize_vocab_answer(answer):
+    """The key of the answer vocabulary and of the soft-score targets: normalize_answer, then drop commas."""
+    return normalize_answer(answer).replace(",", "")
+
+
+def answer_vocabulary(annotations, min_count=9):
+    """The answers (normalised multiple_choice_answer) given for at least min_count distinct questions; over VQA v2
+    train2014 + val2014 with min_count=9 this is the standard 3,129. Sorted by frequency, then alphabetically."""
+    questions = collections.defaultdict(set)
+    for a in annotations:
+        questions[normalize_vocab_answer(a["multiple_choice_answer"])].add(a["question_id"])
+    kept = [(answer, len(q)) for answer, q in questions.items() if len(q) >= min_count and answer]
+    return [answer for answer, _ in sorted(kept, key=lambda x: (-x[1], x[0]))]
+
+
+def vqa_soft_score(count):
+    """Target score of an answer given by `count` of the 10 annotators: min(1, 0.3 count) -> 0, .3, .6, .9, 1."""
+    return min(1.0, 0.3 * count)
+
+
+# ---- Annotation readers ----
+# Each reader turns one public file into plain lists; the datasets below pack them for the DataLoader.
+
+def read_karpathy(json_path, image_path_of, splits, first_captions=None):
+    """Images of the given Karpathy splits: a list of (image path, [captions], image id), and the number of
+    empty captions skipped. image_path_of(record) builds the path (COCO: <filepath>/<filename>)."""
+    data = read_json(json_path, "a Karpathy split file: {\"images\": [...]}")
+    where = json_path
+    images, empty = [], 0
+    for k, record in enumerate(field(data, "images", where)):
+        at = f"{where}: images[{k}]"
+        if field(record, "split", at) not in splits:
+            continue
+        sentences = field(record, "sentences", at)[:first_captions]
+        captions = []
+        for s in sentences:
+            raw = field(s, "raw", at + ".sentences").strip()
+            if raw:
+                captions.append(raw)
+            else:
+                empty += 1
+        if captions:
+            image_id = record.get("cocoid", field(record, "filename", at))
+            images.append((image_path_of(record, at), captions, image_id))
+    return images, empty
+
+
+def coco_image_path(coco_dir):
+    return lambda record, at: os.path.join(coco_dir, field(record, "filepath", at), field(record, "filename", at))
+
+
+def flickr_image_path(flickr_dir):
+    return lambda record, at: os.path.join(flickr_dir, "flickr30k-images", field(record, "filename", at))
+
+
+def coco_held_out_ids(coco_json):
+    """COCO ids of the Karpathy val and test images: the VG images showing them must not be pre-trained on."""
+    data = read_json(coco_json, "a Karpathy split file")
+    return {r["cocoid"] for r in data["images"] if r.get("split") in ("val", "test") and "cocoid" in r}
+
+
+def read_visual_genome(vg_dir, exclude_coco_ids=()):
+    """VG images with their region descriptions: list of (path, [phrases], coco id or None), and counts."""
+    regions_path = os.path.join(vg_dir, "region_descriptions.json")
+    meta_path = os.path.join(vg_dir, "image_data.json")
+    regions = read_json(regions_path, "a list of {\"id\" or \"image_id\", \"regions\": [...]}")
+    meta = read_json(meta_path, "a list of {\"image_id\", \"coco_id\", \"url\", ...}")
+    meta_by_id = {}
+    for k, m in enumerate(meta):
+        meta_by_id[m.get("image_id", m.get("id"))] = m
+    folders = sorted(d for d in os.listdir(vg_dir) if d.startswith("VG_100K") and os.path.isdir(os.path.join(vg_dir, d)))
+    images, stats = [], collections.Counter()
+    for k, entry in enumerate(regions):
+        at = f"{regions_path}: [{k}]"
+        phrases_of_image = field(entry, "regions", at)
+        image_id = entry.get("image_id", entry.get("id"))
+        if image_id is None and phrases_of_image:
+            image_id = field(phrases_of_image[0], "image_id", at + ".regions[0]")
+        if image_id is None:
+            raise DataError(f"{at}: missing key 'id' (or 'image_id')")
+        m = meta_by_id.get(image_id, {})
+        coco_id = m.get("coco_id")
+        if coco_id is not None and coco_id in exclude_coco_ids:
+            stats["dropped_coco_val_test"] += 1
+            continue
+        # the url names the folder (VG_100K or VG_100K_2); fall back to the folder that exists
+        url_folder = m.get("url", "").rstrip("/").split("/")[-2:-1]
+        folder = url_folder[0] if url_folder and url_folder[0] in folders else (folders[0] if folders else "VG_100K")
+        phrases, seen = [], set()
+        for r in phrases_of_image:
+            phrase = str(field(r, "phrase", at + ".regions")).strip()
+            if not phrase:
+                stats["empty_captions"] += 1
+            elif phrase.lower() not in seen:
+                seen.add(phrase.lower())
+                phrases.append(phrase)
+        if phrases:
+            images.append((os.path.join(vg_dir, folder, f"{image_id}.jpg"), phrases, coco_id))
+    return images, stats
+
+
+NLVR2_LABELS = {"True": 1, "False": 0, True: 1, False: 0}
+SNLI_VE_LABELS = {"entailment": 0, "neutral": 1, "contradiction": 2}
+
+
+def nlvr2_image_dir(nlvr2_dir, split):
+    """Where a split's images are: the official zips unpack to images/train/<directory>/, dev/ and test1/."""
+    candidates = [os.path.join(nlvr2_dir, "images", split), os.path.join(nlvr2_dir, split)]
+    for c in candidates:
+        if os.path.isdir(c):
+            return c
+    raise DataError(f"nlvr2 {split}: missing image folder; looked for " + " and ".join(candidates))
+
+
+def read_nlvr2(json_path, image_dir, split):
+    """NLVR2 examples: (identifier, sentence, label, left path, right path)."""
+    examples = []
+    for line_no, r in read_json_lines(json_path, "NLVR2 records with identifier, sentence, label"):
+        at = f"{json_path}: line {line_no}"
+        identifier = str(field(r, "identifier", at))
+        label = field(r, "label", at)
+        if label not in NLVR2_LABELS:
+            raise DataError(f"{at}: unknown label {label!r} (expected \"True\" or \"False\")")
+        parts = identifier.split("-")
+        if len(parts) < 4:
+            raise DataError(f"{at}: identifier {identifier!r} is not split-set-pair-sentence")
+        folder = os.path.join(image_dir, str(field(r, "directory", at))) if split == "train" else image_dir
+        stem = os.path.join(folder, "-".join(parts[:-1]))  # drop the sentence field: the images are the pair's
+        examples.append((identifier, str(field(r, "sentence", at)), NLVR2_LABELS[label],
+                         stem + "-img0.png", stem + "-img1.png"))
+    return examples
+
+
+def read_snli_ve(jsonl_path, flickr_image_dir):
+    """SNLI-VE examples: (pair id, hypothesis, label, image path). The premise (sentence1) is not read at all."""
+    examples = []
+    for line_no, r in read_json_lines(jsonl_path, "SNLI-VE records with sentence2, gold_label, Flickr30K_ID"):
+        at = f"{jsonl_path}: line {line_no}"
+        label = field(r, "gold_label", at)
+        if label not in SNLI_VE_LABELS:
+            raise DataError(f"{at}: unknown gold_label {label!r} (expected entailment, neutral or contradiction)")
+        if "Flickr30K_ID" in r:
+            image = str(r["Flickr30K_ID"])
+        elif "Flikr30kID" in r:  # the key of the older release, whose values end in ".jpg"
+            image = str(r["Flikr30kID"])
+        else:
+            raise DataError(f"{at}: missing key 'Flickr30K_ID' (or the older 'Flikr30kID')")
+        if image.endswith(".jpg"):
+            image = image[:-4]
+        examples.append((str(field(r, "pairID", at)), str(field(r, "sentence2", at)), SNLI_VE_LABELS[label],
+                         os.path.join(flickr_image_dir, image + ".jpg")))
+    return examples
+
+
+# ---- Datasets ----
+# Map-style datasets (so DistributedSampler shards them and DataLoader workers share them). __getitem__ decodes,
+# resizes and tokenizes one example; the `collate` method pads a list of them into the batch of the contract.
+# Randomness (captions drawn, negatives, MLM masks) comes from a per-example generator: seeded from
+# (seed, epoch, index) when a seed is given, so a run is the same whatever the number of workers or ranks (call
+# set_epoch every epoch, like DistributedSampler's); with seed=None from torch's global generator, which the
+# DataLoader seeds differently in each worker and epoch.
+
+class ImageTextDataset(torch.utils.data.Dataset):
+    """What all datasets share: image loading (with optional skipping of bad files), tokenization, randomness."""
+
+    def __init__(self, tokenizer, image_short=600, image_long=1000, max_text_len=16, skip_bad_images=False,
+                 seed=None):
+        self.tokenizer = tokenizer
+        self.image_short, self.image_long, self.max_text_len = image_short, image_long, max_text_len
+        self.skip_bad_images = skip_bad_images
+        self.seed, self.epoch = seed, 0
+        self.stats = collections.Counter()  # e.g. empty captions skipped while reading the annotations
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def example_rng(self, index):
+        if self.seed is None:
+            return random.Random(int(torch.randint(2 ** 62, ()).item()))
+        return random.Random(f"{self.seed}/{self.epoch}/{index}")  # str seeds are hashed with SHA-512: stable
+
+    def image(self, path):
+        """[3, h, w] float tensor, or None (after logging) for an unreadable file when skip_bad_images is set."""
+        try:
+            return image_to_tensor(resize_image(load_image(path), self.image_short, self.image_long))
+        except DataError as e:
+            if not self.skip_bad_images:
+                raise
+            log.warning("skipping example: %s", e)
+            return None
+
+    def encode(self, text):
+        return self.tokenizer.encode(text, max_len=self.max_text_len)
+
+    def text_batch(self, rows):
+        return pad_token_rows(rows, self.tokenizer.pad_id)
+
+
+def _kept(examples):
+    """Drop the examples whose image could not be read; the batch reports how many in batch["skipped"]."""
+    kept = [e for e in examples if e is not None]
+    return kept, len(examples) - len(kept)
+
+
+_STOPWORDS = set("a an the of on in at to with and is are there its it this that some one two three four five "
+                 "image picture photo shape shapes object objects".split())
+
+
+def content_words(text):
+    return set(re.findall(r"[a-z]+", text.lower())) - _STOPWORDS
+
+
+class PretrainDataset(ImageTextDataset):
+    """One item per image; it carries 4 texts (Sec. 4.1, A.2): 2 matched captions of the image and 2 captions of
+    other images, one "hard" (the one sharing most content words with a matched caption among `hard_pool`
+    random other images) and one random. A caption of another picture of the same photograph (a VG image that is
+    a COCO image) is never used as a mismatch. MLM masking on the matched texts only.
+
+    images: list of (path, [captions], picture key); equal keys mean the same photograph.
+    """
+
+    def __init__(self, images, tokenizer, hard_negatives=True, hard_pool=16, mlm_prob=0.15, **kwargs):
+        super().__init__(tokenizer, **kwargs)
+        self.paths = StringTable(p for p, _, _ in images)
+        self.captions = StringTable(c for _, caps, _ in images for c in caps)
+        self.caption_start = np.cumsum([0] + [len(caps) for _, caps, _ in images], dtype=np.int64)
+        self.keys = StringTable(str(k) for _, _, k in images)
+        self.hard_negatives, self.hard_pool, self.mlm_prob = hard_negatives, hard_pool, mlm_prob
+
+    def __len__(self):
+        return len(self.paths)
+
+    def captions_of(self, i):
+        return [self.captions[c] for c in range(self.caption_start[i], self.caption_start[i + 1])]
+
+    def _other_caption(self, i, own, rng):
+        """(index of another photograph, one of its captions that is not also a caption of image i)."""
+        for _ in range(100):
+            j = rng.randrange(len(self))
+            if j != i and self.keys[j] != self.keys[i]:
+                c = self.caption_start[j] + rng.randrange(self.caption_start[j + 1] - self.caption_start[j])
+                if self.captions[c] not in own:
+                    return j, self.captions[c]
+        raise DataError("pre-training needs captions of at least two different images")
+
+    def __getitem__(self, i):
+        rng = self.example_rng(i)
+        own = self.captions_of(i)
+        matched = rng.sample(own, 2) if len(own) >= 2 else [own[0], own[0]]
+        random_source, random_text = self._other_caption(i, own, rng)
+        hard_source, hard_text = self._other_caption(i, own, rng)
+        if self.hard_negatives:
+            words = content_words(matched[0])
+            best = len(words & content_words(hard_text))
+            for _ in range(self.hard_pool - 1):
+                j, text = self._other_caption(i, own, rng)
+                overlap = len(words & content_words(text))
+                if overlap > best:
+                    best, hard_source, hard_text = overlap, j, text
+        image = self.image(self.paths[i])
+        if image is None:
+            return None
+        texts = matched + [hard_text, random_text]
+        ids = [self.encode(t) for t in texts]
+        matched_ids, matched_mask = self.text_batch(ids[:2])
+        generator = torch.Generator().manual_seed(rng.getrandbits(62))
+        masked, labels = mask_tokens(matched_ids, matched_mask, self.tokenizer, self.mlm_prob, generator)
+        return {
+            "image": image, "image_id": self.keys[i], "texts": texts, "text_source": [i, i, hard_source, random_source],
+            "input_ids": [masked[k, :len(ids[k])].tolist() for k in range(2)] + ids[2:],
+            "mlm_labels": [labels[k, :len(ids[k])].tolist() for k in range(2)] + [[-100] * len(r) for r in ids[2:]],
+        }
+
+    def collate(self, examples):
+        """The pre-training batch of the contract; rows 4i..4i+3 are the texts of image i: matched, matched,
+        hard mismatch, random mismatch."""
+        examples, skipped = _kept(examples)
+        if not examples:
+            return None
+        images, image_mask = pad_images([e["image"] for e in examples])
+        input_ids, text_mask = self.text_batch([r for e in examples for r in e["input_ids"]])
+        mlm_labels, _ = pad_token_rows([r for e in examples for r in e["mlm_labels"]], -100)
+        B = len(examples)
+        return {
+            "images": images, "image_mask": image_mask, "input_ids": input_ids, "text_mask": text_mask,
+            "img_index": torch.arange(B).repeat_interleave(4), "itm_label": torch.tensor([1, 1, 0, 0]).repeat(B),
+            "mlm_labels": mlm_labels, "image_ids": [e["image_id"] for e in examples],
+            "texts": [t for e in examples for t in e["texts"]],
+            "text_source": torch.tensor([s for e in examples for s in e["text_source"]]), "skipped": skipped,
+        }
+
+
+class RetrievalTrainDataset(ImageTextDataset):
+    """Retrieval fine-tuning (Sec. 4.2.1): one item per image with one of its captions, drawn anew each epoch.
+    Items are images, so any batch of t distinct indices holds t aligned pairs of t distinct images, with any
+    sampler; the model pairs each image with the other t - 1 captions as the unaligned ones. (An epoch visits
+    each image once, i.e. one fifth of the paper's epoch over all captions.)"""
+
+    def __init__(self, images, tokenizer, **kwargs):
+        super().__init__(tokenizer, **kwargs)
+        self.paths = StringTable(p for p, _, _ in images)
+        self.captions = StringTable(c for _, caps, _ in images for c in caps)
+        self.caption_start = np.cumsum([0] + [len(caps) for _, caps, _ in images], dtype=np.int64)
+        self.image_ids = [k for _, _, k in images]
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        rng = self.example_rng(i)
+        caption = self.captions[rng.randrange(self.caption_start[i], self.caption_start[i + 1])]
+        image = self.image(self.paths[i])
+        if image is None:
+            return None
+        return {"image": image, "input_ids": self.encode(caption), "image_id": self.image_ids[i], "text": caption}
+
+    def collate(self, examples):
+        examples, skipped = _kept(examples)
+        if not examples:
+            return None
+        images, image_mask = pad_images([e["image"] for e in examples])
+        input_ids, text_mask = self.text_batch([e["input_ids"] for e in examples])
+        return {"images": images, "image_mask": image_mask, "input_ids": input_ids, "text_mask": text_mask,
+                "image_ids": [e["image_id"] for e in examples], "texts": [e["text"] for e in examples],
+                "skipped": skipped}
+
+
+class RetrievalTextDataset(ImageTextDataset):
+    """Retrieval evaluation, texts: the first 5 captions of each image, in file order; txt2img[k] is the index
+    (into the RetrievalImageDataset) of caption k's image."""
+
+    def __init__(self, images, tokenizer, **kwargs):
+        super().__init__(tokenizer, **kwargs)
+        self.captions = StringTable(c for _, caps, _ in images for c in caps)
+        self.txt2img = np.array([i for i, (_, caps, _) in enumerate(images) for _ in caps], dtype=np.int64)
+
+    def __len__(self):
+        return len(self.captions)
+
+    def __getitem__(self, k):
+        return {"input_ids": self.encode(self.captions[k]), "text_index": k, "txt2img": int(self.txt2img[k])}
+
+    def collate(self, examples):
+        input_ids, text_mask = self.text_batch([e["input_ids"] for e in examples])
+        return {"input_ids": input_ids, "text_mask": text_mask,
+                "text_index": torch.tensor([e["text_index"] for e in examples]),
+                "txt2img": torch.tensor([e["txt2img"] for e in examples])}
+
+
+class RetrievalImageDataset(ImageTextDataset):
+    """Retrieval evaluation, images: each image once (the CNN runs once per image). `.texts` is the matching
+    RetrievalTextDataset; `.img2txt[i]` lists the caption indices of image i. COCO 1K = 5 consecutive folds of
+    1,000 images of this order."""
+
+    def __init__(self, images, tokenizer, **kwargs):
+        super().__init__(tokenizer, **kwargs)
+        self.paths = StringTable(p for p, _, _ in images)
+        self.image_ids = [k for _, _, k in images]
+        self.texts = RetrievalTextDataset(images, tokenizer, **kwargs)
+        self.txt2img = self.texts.txt2img
+        self.img2txt = [[] for _ in images]
+        for k, i in enumerate(self.txt2img):
+            self.img2txt[i].append(k)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        image = self.image(self.paths[i])
+        return None if image is None else {"image": image, "image_index": i}
+
+    def collate(self, examples):
+        examples, skipped = _kept(examples)
+        if not examples:
+            return None
+        images, image_mask = pad_images([e["image"] for e in examples])
+        return {"images": images, "image_mask": image_mask,
+                "image_index": torch.tensor([e["image_index"] for e in examples]), "skipped": skipped}
+
+
+VQA_QUESTION_FILES = {s: f"v2_OpenEnded_mscoco_{s}_questions.json"
+                      for s in ("train2014", "val2014", "test2015", "test-dev2015")}
+VQA_ANNOTATION_FILES = {s: f"v2_mscoco_{s}_annotations.json" for s in ("train2014", "val2014")}
+VQA_IMAGE_FOLDERS = {"train2014": "train2014", "val2014": "val2014", "test2015": "test2015",
+                     "test-dev2015": "test2015"}  # test-dev images live in test2015
+VQA_SPLITS = {"train": ("train2014", "val2014"), "train2014": ("train2014",), "val": ("val2014",),
+              "test-dev": ("test-dev2015",), "test": ("test2015",)}
+VQA_ANSWER_TYPES = ("yes/no", "number", "other")
+
+
+class VQADataset(ImageTextDataset):
+    """VQA v2: one image, one question; targets are the soft scores of the 10 answers over `answer_vocab`.
+
+    records: list of (question_id, question, image path, answer_type or None, [10 raw answers] or []).
+    """
+
+    def __init__(self, records, answer_vocab, tokenizer, **kwargs):
+        super().__init__(tokenizer, **kwargs)
+        self.answer_vocab = list(answer_vocab)
+        self.answer_index = {a: i for i, a in enumerate(self.answer_vocab)}
+        self.num_answers = len(self.answer_vocab)
+        self.question_ids = np.array([r[0] for r in records], dtype=np.int64)
+        self.questions = StringTable(r[1] for r in records)
+        unique_paths = sorted({r[2] for r in records})
+        path_index = {p: i for i, p in enumerate(unique_paths)}
+        self.paths = StringTable(unique_paths)
+        self.image_of = np.array([path_index[r[2]] for r in records], dtype=np.int64)
+        self.answer_types = np.array([-1 if r[3] is None else VQA_ANSWER_TYPES.index(r[3]) for r in records],
+                                     dtype=np.int8)
+        self.answers = StringTable("\x1f".join(r[4]) for r in records)  # \x1f: a separator no answer contains
+
+    def __len__(self):
+        return len(self.question_ids)
+
+    def targets(self, answers):
+        """Soft-score vector [num_answers] of a list of raw answers (normalised as the vocabulary was)."""
+        target = torch.zeros(self.num_answers)
+        for answer, count in collections.Counter(normalize_vocab_answer(a) for a in answers).items():
+            if answer in self.answer_index:
+                target[self.answer_index[answer]] = vqa_soft_score(count)
+        return target
+
+    def __getitem__(self, i):
+        image = self.image(self.paths[self.image_of[i]])
+        if image is None:
+            return None
+        joined = self.answers[i]
+        answers = joined.split("\x1f") if joined else []
+        answer_type = int(self.answer_types[i])
+        return {"image": image, "input_ids": self.encode(self.questions[i]), "targets": self.targets(answers),
+                "question_id": int(self.question_ids[i]), "answers": answers,
+                "answer_type": VQA_ANSWER_TYPES[answer_type] if answer_type >= 0 else None}
+
+    def collate(self, examples):
+        examples, skipped = _kept(examples)
+        if not examples:
+            return None
+        images, image_mask = pad_images([e["image"] for e in examples])
+        input_ids, text_mask = self.text_batch([e["input_ids"] for e in examples])
+        return {"images": images, "image_mask": image_mask, "input_ids": input_ids, "text_mask": text_mask,
+                "targets": torch.stack([e["targets"] for e in examples]),
+                "question_id": torch.tensor([e["question_id"] for e in examples]),
+                "answer_type": [e["answer_type"] for e in examples], "answers": [e["answers"] for e in examples],
+                "skipped": skipped}
+
+
+class NLVR2Dataset(ImageTextDataset):
+    """NLVR2: two images and one sentence; label 1 = "True". Batch rows 2i and 2i+1 are example i's left and
+    right images."""
+
+    def __init__(self, examples, tokenizer, **kwargs):
+        super().__init__(tokenizer, **kwargs)
+        self.identifiers = StringTable(e[0] for e in examples)
+        self.sentences = StringTable(e[1] for e in examples)
+        self.labels = np.array([e[2] for e in examples], dtype=np.int64)
+        self.left = StringTable(e[3] for e in examples)
+        self.right = StringTable(e[4] for e in examples)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        left, right = self.image(self.left[i]), self.image(self.right[i])
+        if left is None or right is None:
+            return None
+        return {"images": [left, right], "input_ids": self.encode(self.sentences[i]), "label": int(self.labels[i]),
+                "identifier": self.identifiers[i]}
+
+    def collate(self, examples):
+        examples, skipped = _kept(examples)
+        if not examples:
+            return None
+        images, image_mask = pad_images([x for e in examples for x in e["images"]])
+        input_ids, text_mask = self.text_batch([e["input_ids"] for e in examples])
+        return {"images": images, "image_mask": image_mask, "input_ids": input_ids, "text_mask": text_mask,
+                "labels": torch.tensor([e["label"] for e in examples]),
+                "identifier": [e["identifier"] for e in examples], "skipped": skipped}
+
+
+class SNLIVEDataset(ImageTextDataset):
+    """SNLI-VE: one image (the premise) and the hypothesis sentence2; labels 0 entailment, 1 neutral,
+    2 contradiction. The text premise sentence1 is never read."""
+
+    def __init__(self, examples, tokenizer, **kwargs):
+        super().__init__(tokenizer, **kwargs)
+        self.pair_ids = StringTable(e[0] for e in examples)
+        self.hypotheses = StringTable(e[1] for e in examples)
+        self.labels = np.array([e[2] for e in examples], dtype=np.int64)
+        unique_paths = sorted({e[3] for e in examples})
+        path_index = {p: i for i, p in enumerate(unique_paths)}
+        self.paths = StringTable(unique_paths)
+        self.image_of = np.array([path_index[e[3]] for e in examples], dtype=np.int64)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        image = self.image(self.paths[self.image_of[i]])
+        if image is None:
+            return None
+        return {"image": image, "input_ids": self.encode(self.hypotheses[i]), "label": int(self.labels[i]),
+                "pair_id": self.pair_ids[i]}
+
+    def collate(self, examples):
+        examples, skipped = _kept(examples)
+        if not examples:
+            return None
+        images, image_mask = pad_images([e["image"] for e in examples])
+        input_ids, text_mask = self.text_batch([e["input_ids"] for e in examples])
+        return {"images": images, "image_mask": image_mask, "input_ids": input_ids, "text_mask": text_mask,
+                "labels": torch.tensor([e["label"] for e in examples]),
+                "pair_id": [e["pair_id"] for e in examples], "skipped": skipped}
+
+
+def build_vqa_answer_vocab(data_root, min_count=9):
+    """The answer vocabulary from vqa/'s train2014 + val2014 annotation files (as every VQA v2 split uses)."""
+    vqa_dir = os.path.join(data_root, "vqa")
+    paths = [os.path.join(vqa_dir, VQA_ANNOTATION_FILES[s]) for s in ("train2014", "val2014")]
+    require_files("vqa answer vocabulary", paths)
+    annotations = []
+    for p in paths:
+        annotations += field(read_json(p, "VQA v2 annotations: {\"annotations\": [...]}"), "annotations", p)
+    return answer_vocabulary(annotations, min_count)
+
+
+def read_vqa(data_root, split):
+    """VQA records of a split: (question_id, question, image path, answer_type, answers)."""
+    if split not in VQA_SPLITS:
+        raise DataError(f"vqa: unknown split {split!r} (expected one of {', '.join(VQA_SPLITS)})")
+    vqa_dir, coco_dir = os.path.join(data_root, "vqa"), os.path.join(data_root, "coco")
+    subsets = VQA_SPLITS[split]
+    files = [os.path.join(vqa_dir, VQA_QUESTION_FILES[s]) for s in subsets]
+    files += [os.path.join(vqa_dir, VQA_ANNOTATION_FILES[s]) for s in subsets if s in VQA_ANNOTATION_FILES]
+    files += [os.path.join(coco_dir, VQA_IMAGE_FOLDERS[s]) for s in subsets]
+    require_files(f"vqa {split}", files)
+    records = []
+    for s in subsets:
+        q_path = os.path.join(vqa_dir, VQA_QUESTION_FILES[s])
+        questions = field(read_json(q_path, "VQA v2 questions: {\"questions\": [...]}"), "questions", q_path)
+        annotations = {}
+        if s in VQA_ANNOTATION_FILES:
+            a_path = os.path.join(vqa_dir, VQA_ANNOTATION_FILES[s])
+            for k, a in enumerate(field(read_json(a_path, "VQA v2 annotations"), "annotations", a_path)):
+                annotations[field(a, "question_id", f"{a_path}: annotations[{k}]")] = (a, k)
+        folder = VQA_IMAGE_FOLDERS[s]
+        for k, q in enumerate(questions):
+            at = f"{q_path}: questions[{k}]"
+            qid, image_id = field(q, "question_id", at), field(q, "image_id", at)
+            path = os.path.join(coco_dir, folder, f"COCO_{folder}_{image_id:012d}.jpg")
+            answer_type, answers = None, []
+            if s in VQA_ANNOTATION_FILES:
+                if qid not in annotations:
+                    raise DataError(f"{at}: question_id {qid} has no annotation in {VQA_ANNOTATION_FILES[s]}")
+                a, ak = annotations[qid]
+                a_at = f"{os.path.join(vqa_dir, VQA_ANNOTATION_FILES[s])}: annotations[{ak}]"
+                answer_type = field(a, "answer_type", a_at)
+                if answer_type not in VQA_ANSWER_TYPES:
+                    raise DataError(f"{a_at}: unknown answer_type {answer_type!r} (expected {VQA_ANSWER_TYPES})")
+                answers = [str(field(x, "answer", a_at + ".answers")) for x in field(a, "answers", a_at)]
+            records.append((qid, str(field(q, "question", at)), path, answer_type, answers))
+    return records
+
+
+TASKS = ("pretrain", "retrieval", "vqa", "nlvr2", "snli-ve")
+
+
+def build_dataset(task, split, data_root, tokenizer, config_like, **opts):
+    """The dataset of a task and split read from `data_root` (layout in the module docstring).
+
+    config_like: anything with image_short, image_long and max_text_len (a SOHOConfig).
+    opts: seed (None: fresh randomness from torch's generator), skip_bad_images (False), source ("coco" or
+    "flickr30k", retrieval), answer_vocab (a list, VQA; default: built from train2014 + val2014 annotations),
+    min_answer_count (9), hard_negatives (True, pretrain), use_vg (True, pretrain).
+    The returned dataset's `.collate` is the DataLoader collate_fn.
+    """
+    common = {"image_short": config_like.image_short, "image_long": config_like.image_long,
+              "max_text_len": config_like.max_text_len, "skip_bad_images": opts.get("skip_bad_images", False),
+              "seed": opts.get("seed")}
+    if task not in TASKS:
+        raise DataError(f"unknown task {task!r} (expected one of {', '.join(TASKS)})")
+    coco_json = os.path.join(data_root, "coco", "dataset_coco.json")
+    flickr_json = os.path.join(data_root, "flickr30k", "dataset_flickr30k.json")
+
+    if task == "pretrain":
+        if split != "train":
+            raise DataError(f"pretrain: unknown split {split!r} (only 'train')")
+        vg_dir = os.path.join(data_root, "vg")
+        vg_files = [os.path.join(vg_dir, "region_descriptions.json"), os.path.join(vg_dir, "image_data.json")]
+        has_coco = os.path.isfile(coco_json)
+        has_vg = opts.get("use_vg", True) and all(os.path.isfile(p) for p in vg_files)
+        if not has_coco and not has_vg:
+            raise DataError(f"pretrain: found neither {coco_json} nor {' and '.join(vg_files)}")
+        images, stats = [], collections.Counter()
+        if has_coco:
+            coco, empty = read_karpathy(coco_json, coco_image_path(os.path.join(data_root, "coco")),
+                                        ("train", "restval"))
+            images += [(p, caps, f"coco:{cocoid}") for p, caps, cocoid in coco]
+            stats["coco_images"], stats["empty_captions"] = len(coco), empty
+        if has_vg:
+            if not has_coco:
+                log.warning("pretrain: no %s, so VG images of COCO val/test cannot be dropped", coco_json)
+            vg, vg_stats = read_visual_genome(vg_dir, coco_held_out_ids(coco_json) if has_coco else ())
+            # a VG image that is a COCO image is the same photograph: same key, so never a mismatch of itself
+            images += [(p, caps, f"coco:{cid}" if cid is not None else f"vg:{os.path.basename(p)}")
+                       for p, caps, cid in vg]
+            stats["vg_images"] = len(vg)
+            stats.update(vg_stats)
+        dataset = PretrainDataset(images, tokenizer, hard_negatives=opts.get("hard_negatives", True), **common)
+        dataset.stats.update(stats)
+        return dataset
+
+    if task == "retrieval":
+        source = opts.get("source", "coco")
+        if source == "coco":
+            json_path, path_of = coco_json, coco_image_path(os.path.join(data_root, "coco"))
+            splits = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
+        elif source == "flickr30k":
+            json_path, path_of = flickr_json, flickr_image_path(os.path.join(data_root, "flickr30k"))
+            splits = {"train": ("train",), "val": ("val",), "test": ("test",)}
+        else:
+            raise DataError(f"retrieval: unknown source {source!r} (expected 'coco' or 'flickr30k')")
+        if split not in splits:
+            raise DataError(f"retrieval: unknown split {split!r} (expected train, val or test)")
+        require_files(f"retrieval {source} {split}", [json_path])
+        if split == "train":
+            images, empty = read_karpathy(json_path, path_of, splits[split])
+            dataset = RetrievalTrainDataset(images, tokenizer, **common)
+        else:  # the protocol: the first 5 captions of each test image
+            images, empty = read_karpathy(json_path, path_of, splits[split], first_captions=5)
+            dataset = RetrievalImageDataset(images, tokenizer, **common)
+        dataset.stats["empty_captions"] = empty
+        return dataset
+
+    if task == "vqa":
+        records = read_vqa(data_root, split)
+        answer_vocab = opts.get("answer_vocab") or build_vqa_answer_vocab(data_root, opts.get("min_answer_count", 9))
+        return VQADataset(records, answer_vocab, tokenizer, **common)
+
+    if task == "nlvr2":
+        if split not in ("train", "dev", "test1"):
+            raise DataError(f"nlvr2: unknown split {split!r} (expected train, dev or test1)")
+        nlvr2_dir = os.path.join(data_root, "nlvr2")
+        json_path = os.path.join(nlvr2_dir, f"{split}.json")
+        require_files(f"nlvr2 {split}", [json_path])
+        examples = read_nlvr2(json_path, nlvr2_image_dir(nlvr2_dir, split), split)
+        return NLVR2Dataset(examples, tokenizer, **common)
+
+    # snli-ve
+    if split not in ("train", "dev", "test"):
+        raise DataError(f"snli-ve: unknown split {split!r} (expected train, dev or test)")
+    jsonl = os.path.join(data_root, "snli-ve", f"snli_ve_{split}.jsonl")
+    image_dir = os.path.join(data_root, "flickr30k", "flickr30k-images")
+    require_files(f"snli-ve {split}", [jsonl, image_dir])
+    return SNLIVEDataset(read_snli_ve(jsonl, image_dir), tokenizer, **common)

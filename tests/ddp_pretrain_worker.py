@@ -1,0 +1,82 @@
+"""A few pre-training steps of the tiny model on a fixed batch, in one process or as one rank of several.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/ddp_pretrain_worker.py OUT_DIR
+
+Each rank takes its share of the images (and their texts) and saves its first-step gradients, its final weights
+and its final visual dictionary to OUT_DIR/rank<r>.pt. test_train.py runs the same steps on the whole batch in one
+process and compares. BatchNorm is frozen and dropout is off, so one process and two ranks compute the same thing;
+MVM masking is off (its draws are random per rank); MLM targets differ in number per rank, which is what the
+global averaging in train.pretraining_loss is for.
+"""
+
+import os
+import sys
+from dataclasses import replace
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import soho  # noqa: E402
+import train  # noqa: E402
+
+N_IMAGES, STEPS = 4, 3
+
+
+def global_batch():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 1000, (4 * N_IMAGES, 9), generator=g)
+    itm = torch.tensor([1, 1, 0, 0]).repeat(N_IMAGES)
+    labels = torch.full_like(ids, -100)
+    for t in range(4 * N_IMAGES):
+        if itm[t]:
+            n = 1 + t % 5  # 1 to 5 masked words per matched text: the ranks hold different counts
+            labels[t, 1:1 + n] = ids[t, 1:1 + n]
+    image_mask = torch.ones(N_IMAGES, 256, 256, dtype=torch.bool)
+    image_mask[1, :, 192:] = False
+    return dict(images=torch.randn(N_IMAGES, 3, 256, 256, generator=g), image_mask=image_mask, input_ids=ids,
+                text_mask=torch.ones_like(ids, dtype=torch.bool), itm_label=itm, mlm_labels=labels,
+                img_index=torch.arange(N_IMAGES).repeat_interleave(4))
+
+
+def shard(batch, rank, world_size):
+    per = N_IMAGES // world_size
+    imgs = slice(rank * per, (rank + 1) * per)
+    txts = slice(4 * rank * per, 4 * (rank + 1) * per)
+    return dict(images=batch["images"][imgs], image_mask=batch["image_mask"][imgs],
+                input_ids=batch["input_ids"][txts], text_mask=batch["text_mask"][txts],
+                itm_label=batch["itm_label"][txts], mlm_labels=batch["mlm_labels"][txts],
+                img_index=batch["img_index"][txts] - rank * per)
+
+
+def run(rank, world_size):
+    """Returns (first-step gradients, final parameters, final VD) of STEPS pre-training steps."""
+    torch.manual_seed(0)
+    cfg = replace(soho.PRESETS["tiny"], dropout=0.0, backbone_bn="frozen", mvm_prob=0.0, vd_gamma=0.5)
+    model = soho.SOHO(cfg)
+    tcfg = train.TrainConfig(lr=1e-3, lr_backbone=1e-2)
+    sgd, adamw = train.build_optimizers(model, tcfg, "pretrain")
+    net = model
+    if torch.distributed.is_initialized():
+        net = train.wrap_ddp(model, torch.device("cpu"), 0)
+    batch = shard(global_batch(), rank, world_size)
+    first_grads = None
+    for step in range(STEPS):
+        out = net("pretrain", batch)
+        loss, _ = train.pretraining_loss(out, world_size)
+        loss.backward()
+        if first_grads is None:
+            first_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        sgd.step()
+        adamw.step()
+        sgd.zero_grad()
+        adamw.zero_grad()
+        model.visual_dictionary.update()
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return first_grads, params, model.visual_dictionary.embed.clone()
+
+
+if __name__ == "__main__":
+    rank, world_size, _, _ = train.setup_distributed()
+    grads, params, vd = run(rank, world_size)
+    torch.save({"grads": grads, "params": params, "vd": vd}, os.path.join(sys.argv[1], f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()

@@ -1,0 +1,159 @@
+"""Tests of train.py: the command line, the schedule, distributed equivalence, resume exactness, AMP, failures,
+and a few steps of every task on a small synthetic world."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import ddp_pretrain_worker as worker
+import soho
+import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--num_workers=0", "--log_every=1", "--warmup_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("world"))
+    data.write_synthetic_world(root, seed=0, n_images=120)
+    return root
+
+
+def run_train(world, out, *extra):
+    return train.main(["--data", world, "--out", str(out), *FAST, *extra])
+
+
+# ---- command line and schedule -------------------------------------------------------------------------------
+
+
+def test_overrides_are_type_checked_and_unknown_keys_rejected():
+    cfg, model_overrides, _ = train.parse_args(["--task", "vqa", "--epochs=3", "--vd_size=64", "--amp=bf16",
+                                                "--lr_milestones=2,3", "--gradient_checkpointing=true"])
+    assert cfg.epochs == 3 and cfg.amp == "bf16" and cfg.lr_milestones == (2, 3) and cfg.out == "runs/vqa"
+    assert model_overrides == {"vd_size": 64, "gradient_checkpointing": True}
+    with pytest.raises(SystemExit):
+        train.parse_args(["--vd_sise=64"])
+    with pytest.raises(SystemExit, match="expected a int"):
+        train.parse_args(["--epochs=three"])
+
+
+def test_paper_recipe_defaults():
+    cfg, _, _ = train.parse_args(["--preset", "r101"])
+    assert (cfg.global_batch, cfg.epochs, cfg.lr_milestones, cfg.freeze_backbone_epochs) == (1024, 40, (25, 35), 10)
+    assert (cfg.lr, cfg.weight_decay, cfg.lr_backbone, cfg.weight_decay_backbone, cfg.momentum) == \
+        (1e-4, 1e-2, 1e-2, 5e-4, 0.9)
+    cfg, _, _ = train.parse_args(["--preset", "r101", "--task", "snli-ve"])
+    assert (cfg.global_batch, cfg.epochs, cfg.lr_milestones) == (128, 6, (4,))
+
+
+def test_lr_schedule_warms_up_then_steps_down():
+    cfg = train.TrainConfig(warmup_steps=10, lr_milestones=(2, 3), lr_decay=0.1)
+    m = lambda step: train.lr_multiplier(step, 100, cfg)
+    assert m(0) == pytest.approx(1 / 3) and m(5) == pytest.approx(2 / 3) and m(10) == 1.0
+    assert m(199) == 1.0 and m(200) == pytest.approx(0.1) and m(300) == pytest.approx(0.01)
+
+
+# ---- distributed ---------------------------------------------------------------------------------------------
+
+
+def test_two_gloo_ranks_match_one_process(tmp_path):
+    """2 ranks on half batches each: same gradients as one process on the whole batch, identical VDs."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                    os.path.join(REPO, "tests", "ddp_pretrain_worker.py"), str(tmp_path)],
+                   check=True, env=env, cwd=REPO, timeout=300)
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    grads, params, vd = worker.run(rank=0, world_size=1)
+    assert torch.equal(r0["vd"], r1["vd"]), "the visual dictionaries of the two ranks must be bit-identical"
+    torch.testing.assert_close(r0["vd"], vd, rtol=1e-5, atol=1e-5)
+    assert set(r0["grads"]) == set(grads)
+    for name, g in grads.items():
+        torch.testing.assert_close(r0["grads"][name], g, rtol=1e-4, atol=1e-6, msg=name)
+    for name, p in params.items():
+        assert torch.equal(r0["params"][name], r1["params"][name]), name
+        torch.testing.assert_close(r0["params"][name], p, rtol=1e-4, atol=1e-5, msg=name)
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------------------
+
+
+def test_resume_is_exact(world, tmp_path):
+    args = ["--batch_per_gpu=4", "--global_batch=8", "--save_every=100", "--vd_size=32"]  # 2 accumulation steps
+    run_train(world, tmp_path / "straight", *args, "--max_steps=4")
+    run_train(world, tmp_path / "resumed", *args, "--max_steps=2")
+    run_train(world, tmp_path / "resumed", *args, "--max_steps=4")  # same --out: continues from step 2
+    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=False)
+    b = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=False)
+    assert a["step"] == b["step"] == 4
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert torch.equal(a["model"]["visual_dictionary.embed"], b["model"]["visual_dictionary.embed"])
+
+
+def test_checkpoint_holds_everything(world, tmp_path):
+    run_train(world, tmp_path, "--max_steps=1", "--batch_per_gpu=8", "--global_batch=8")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    for key in ("model", "optimizers", "scaler", "step", "epoch", "step_in_epoch", "rng", "model_config",
+                "train_config", "vocab_path", "data_root"):
+        assert key in ckpt, key
+    assert len(ckpt["optimizers"]) == 2 and ckpt["step"] == 1
+    assert os.path.isfile(tmp_path / "config.json") and os.path.isfile(tmp_path / "log.jsonl")
+    model, _ = train.load_model(str(tmp_path / "ckpt.pt"))
+    assert torch.equal(model.visual_dictionary.embed, ckpt["model"]["visual_dictionary.embed"])
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    train.save_checkpoint(path, {"step": 1})
+    with pytest.raises(Exception):
+        train.save_checkpoint(path, {"step": 2, "unpicklable": lambda: None})
+    assert torch.load(path)["step"] == 1
+
+
+def test_non_finite_loss_stops_and_keeps_the_checkpoint(world, tmp_path, monkeypatch):
+    real = soho.SOHO.pretrain_losses
+    calls = {"n": 0}
+
+    def sometimes_nan(self, batch, generator=None):
+        out = real(self, batch, generator)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            itm = out["itm"]
+            out["itm"] = soho.LossTerm(itm.sum * float("nan"), itm.count, itm.correct)
+        return out
+
+    monkeypatch.setattr(soho.SOHO, "pretrain_losses", sometimes_nan)
+    with pytest.raises(FloatingPointError, match=r"step 3 .*itm=nan"):
+        run_train(world, tmp_path, "--max_steps=5", "--save_every=1", "--batch_per_gpu=8", "--global_batch=8")
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 2
+
+
+# ---- precision and tasks -----------------------------------------------------------------------------------------
+
+
+def test_bf16_autocast_step_on_cpu(world, tmp_path):
+    m = run_train(world, tmp_path, "--max_steps=1", "--amp=bf16", "--batch_per_gpu=8", "--global_batch=8")
+    assert m["step"] == 1 and torch.isfinite(torch.tensor(m["loss"]))
+
+
+@pytest.mark.parametrize("task", ["retrieval", "vqa", "nlvr2", "snli-ve"])
+def test_each_downstream_task_runs_a_few_steps(world, tmp_path, task):
+    m = run_train(world, tmp_path, "--task", task, "--max_steps=2", "--batch_per_gpu=4", "--global_batch=4")
+    assert m["step"] == 2 and torch.isfinite(torch.tensor(m["loss"]))
+
+
+def test_fine_tuning_starts_from_a_pretrained_checkpoint(world, tmp_path):
+    run_train(world, tmp_path / "pre", "--max_steps=1", "--batch_per_gpu=8", "--global_batch=8")
+    run_train(world, tmp_path / "vqa", "--task", "vqa", "--init", str(tmp_path / "pre" / "ckpt.pt"),
+              "--max_steps=1", "--batch_per_gpu=4", "--global_batch=4", "--lr=0", "--lr_backbone=0")
+    pre = torch.load(tmp_path / "pre" / "ckpt.pt", weights_only=False)["model"]
+    vqa = torch.load(tmp_path / "vqa" / "ckpt.pt", weights_only=False)["model"]
+    # with zero learning rates the shared weights are exactly the pre-trained ones
+    key = "transformer.layers.0.query.weight"
+    assert torch.equal(pre[key], vqa[key])
