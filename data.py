@@ -51,7 +51,6 @@ task runs end to end in minutes on a laptop CPU. `python data.py synth --out DIR
 
 import argparse
 import collections
-import io
 import json
 import logging
 import math
@@ -227,22 +226,31 @@ def pad_token_rows(rows, pad_value):
 
 
 def train_wordpiece_vocab(texts, out_path, vocab_size=1000, min_frequency=1):
-    """Train a lower-cased WordPiece vocabulary on `texts` (BERT's rules) and write it as a BERT vocab.txt.
+    """Build a lower-cased WordPiece vocabulary from `texts` and write it as a BERT vocab.txt; returns out_path.
 
-    The five special tokens come first ([PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4); Tokenizer looks them up
-    by name, so this order need not be BERT's.
+    The five special tokens come first ([PAD]=0 ... [MASK]=4; Tokenizer looks them up by name), then every
+    character seen and its "##" continuation (so no word of these texts is ever [UNK]), then whole words by
+    frequency (ties alphabetical) while vocab_size allows. Words are split by tokenizers' BERT normaliser and
+    pre-tokeniser, exactly as Tokenizer splits them. Why not tokenizers' WordPieceTrainer: it breaks ties in
+    hash-map order, so its vocabulary (the tokens themselves, not only their ids) changes from run to run
+    (tokenizers 0.23), and the synthetic world must be the same for a seed.
     """
-    tok = tokenizers.Tokenizer(tokenizers.models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = tokenizers.normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
-    trainer = tokenizers.trainers.WordPieceTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS),
-        continuing_subword_prefix="##", show_progress=False)
-    tok.train_from_iterator(list(texts), trainer)
-    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    normalizer = tokenizers.normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
+    words = collections.Counter()
+    for text in texts:
+        words.update(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for w in words for c in w})
+    vocab = list(SPECIAL_TOKENS) + chars + ["##" + c for c in chars]
+    known = set(vocab)
+    for word, count in sorted(words.items(), key=lambda wc: (-wc[1], wc[0])):
+        if len(vocab) >= vocab_size or count < min_frequency:
+            break
+        if word not in known:
+            vocab.append(word)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with open(out_path, "w", encoding="utf-8") as f:
-        f.writelines(token + "\n" for token, _ in vocab)
+        f.writelines(token + "\n" for token in vocab)
     return out_path
 
 
@@ -431,11 +439,10 @@ def vqa_soft_score(count):
 def read_karpathy(json_path, image_path_of, splits, first_captions=None):
     """Images of the given Karpathy splits: a list of (image path, [captions], image id), and the number of
     empty captions skipped. image_path_of(record) builds the path (COCO: <filepath>/<filename>)."""
-    data = read_json(json_path, "a Karpathy split file: {\"images\": [...]}")
-    where = json_path
+    content = read_json(json_path, "a Karpathy split file: {\"images\": [...]}")
     images, empty = [], 0
-    for k, record in enumerate(field(data, "images", where)):
-        at = f"{where}: images[{k}]"
+    for k, record in enumerate(field(content, "images", json_path)):
+        at = f"{json_path}: images[{k}]"
         if field(record, "split", at) not in splits:
             continue
         sentences = field(record, "sentences", at)[:first_captions]
@@ -472,9 +479,7 @@ def read_visual_genome(vg_dir, exclude_coco_ids=()):
     meta_path = os.path.join(vg_dir, "image_data.json")
     regions = read_json(regions_path, "a list of {\"id\" or \"image_id\", \"regions\": [...]}")
     meta = read_json(meta_path, "a list of {\"image_id\", \"coco_id\", \"url\", ...}")
-    meta_by_id = {}
-    for k, m in enumerate(meta):
-        meta_by_id[m.get("image_id", m.get("id"))] = m
+    meta_by_id = {m.get("image_id", m.get("id")): m for m in meta}
     folders = sorted(d for d in os.listdir(vg_dir) if d.startswith("VG_100K") and os.path.isdir(os.path.join(vg_dir, d)))
     images, stats = [], collections.Counter()
     for k, entry in enumerate(regions):
@@ -491,7 +496,7 @@ def read_visual_genome(vg_dir, exclude_coco_ids=()):
             stats["dropped_coco_val_test"] += 1
             continue
         # the url names the folder (VG_100K or VG_100K_2); fall back to the folder that exists
-        url_folder = m.get("url", "").rstrip("/").split("/")[-2:-1]
+        url_folder = (m.get("url") or "").rstrip("/").split("/")[-2:-1]
         folder = url_folder[0] if url_folder and url_folder[0] in folders else (folders[0] if folders else "VG_100K")
         phrases, seen = [], set()
         for r in phrases_of_image:
@@ -701,7 +706,7 @@ class RetrievalTrainDataset(ImageTextDataset):
     """Retrieval fine-tuning (Sec. 4.2.1): one item per image with one of its captions, drawn anew each epoch.
     Items are images, so any batch of t distinct indices holds t aligned pairs of t distinct images, with any
     sampler; the model pairs each image with the other t - 1 captions as the unaligned ones. (An epoch visits
-    each image once, i.e. one fifth of the paper's epoch over all captions.)"""
+    each image once with one caption: an epoch over all 5 captions of each image is 5 of these.)"""
 
     def __init__(self, images, tokenizer, **kwargs):
         super().__init__(tokenizer, **kwargs)
@@ -931,7 +936,9 @@ def build_vqa_answer_vocab(data_root, min_count=9):
 
 
 def read_vqa(data_root, split):
-    """VQA records of a split: (question_id, question, image path, answer_type, answers)."""
+    """VQA records of a split, (question_id, question, image path, answer_type, answers), and the annotations read
+    (so that the "train" split, which reads train2014 + val2014, builds the answer vocabulary without a second
+    parse of those large files)."""
     if split not in VQA_SPLITS:
         raise DataError(f"vqa: unknown split {split!r} (expected one of {', '.join(VQA_SPLITS)})")
     vqa_dir, coco_dir = os.path.join(data_root, "vqa"), os.path.join(data_root, "coco")
@@ -940,7 +947,7 @@ def read_vqa(data_root, split):
     files += [os.path.join(vqa_dir, VQA_ANNOTATION_FILES[s]) for s in subsets if s in VQA_ANNOTATION_FILES]
     files += [os.path.join(coco_dir, VQA_IMAGE_FOLDERS[s]) for s in subsets]
     require_files(f"vqa {split}", files)
-    records = []
+    records, all_annotations = [], []
     for s in subsets:
         q_path = os.path.join(vqa_dir, VQA_QUESTION_FILES[s])
         questions = field(read_json(q_path, "VQA v2 questions: {\"questions\": [...]}"), "questions", q_path)
@@ -948,7 +955,9 @@ def read_vqa(data_root, split):
         if s in VQA_ANNOTATION_FILES:
             a_path = os.path.join(vqa_dir, VQA_ANNOTATION_FILES[s])
             for k, a in enumerate(field(read_json(a_path, "VQA v2 annotations"), "annotations", a_path)):
+                field(a, "multiple_choice_answer", f"{a_path}: annotations[{k}]")
                 annotations[field(a, "question_id", f"{a_path}: annotations[{k}]")] = (a, k)
+                all_annotations.append(a)
         folder = VQA_IMAGE_FOLDERS[s]
         for k, q in enumerate(questions):
             at = f"{q_path}: questions[{k}]"
@@ -965,7 +974,7 @@ def read_vqa(data_root, split):
                     raise DataError(f"{a_at}: unknown answer_type {answer_type!r} (expected {VQA_ANSWER_TYPES})")
                 answers = [str(field(x, "answer", a_at + ".answers")) for x in field(a, "answers", a_at)]
             records.append((qid, str(field(q, "question", at)), path, answer_type, answers))
-    return records
+    return records, all_annotations
 
 
 TASKS = ("pretrain", "retrieval", "vqa", "nlvr2", "snli-ve")
@@ -975,9 +984,10 @@ def build_dataset(task, split, data_root, tokenizer, config_like, **opts):
     """The dataset of a task and split read from `data_root` (layout in the module docstring).
 
     config_like: anything with image_short, image_long and max_text_len (a SOHOConfig).
-    opts: seed (None: fresh randomness from torch's generator), skip_bad_images (False), source ("coco" or
-    "flickr30k", retrieval), answer_vocab (a list, VQA; default: built from train2014 + val2014 annotations),
-    min_answer_count (9), hard_negatives (True, pretrain), use_vg (True, pretrain).
+    opts: seed (None: fresh randomness from torch's generator; an int: the same draws for (seed, epoch, index),
+    see set_epoch), skip_bad_images (False), source ("coco" or "flickr30k", retrieval), answer_vocab (a list,
+    VQA; default: built from train2014 + val2014 annotations), min_answer_count (9), hard_negatives (True,
+    pretrain), use_vg (True, pretrain).
     The returned dataset's `.collate` is the DataLoader collate_fn.
     """
     common = {"image_short": config_like.image_short, "image_long": config_like.image_long,
@@ -1039,8 +1049,12 @@ def build_dataset(task, split, data_root, tokenizer, config_like, **opts):
         return dataset
 
     if task == "vqa":
-        records = read_vqa(data_root, split)
-        answer_vocab = opts.get("answer_vocab") or build_vqa_answer_vocab(data_root, opts.get("min_answer_count", 9))
+        records, annotations = read_vqa(data_root, split)
+        min_count = opts.get("min_answer_count", 9)
+        answer_vocab = opts.get("answer_vocab")
+        if not answer_vocab:  # always from train2014 + val2014, whichever split this is
+            answer_vocab = (answer_vocabulary(annotations, min_count) if split == "train"
+                            else build_vqa_answer_vocab(data_root, min_count))
         return VQADataset(records, answer_vocab, tokenizer, **common)
 
     if task == "nlvr2":
@@ -1059,3 +1073,776 @@ def build_dataset(task, split, data_root, tokenizer, config_like, **opts):
     image_dir = os.path.join(data_root, "flickr30k", "flickr30k-images")
     require_files(f"snli-ve {split}", [jsonl, image_dir])
     return SNLIVEDataset(read_snli_ve(jsonl, image_dir), tokenizer, **common)
+
+
+# ---- Synthetic world ----
+# A small world of rendered coloured shapes, written in exactly the public formats and the --data layout above,
+# so that every task runs end to end without downloads. It is learnable but not trivial: captions name several
+# objects and their relations, questions ask about colour, shape, count, position and size, and the negatives
+# (pre-training's hard mismatches, NLVR2's false statements, SNLI-VE's contradictions) differ from true
+# statements in one attribute, so a model has to look at the image.
+
+SYNTH_COLORS = {"red": (215, 45, 45), "green": (45, 165, 70), "blue": (45, 85, 215), "yellow": (235, 205, 45),
+                "purple": (140, 65, 175), "orange": (240, 135, 35)}
+SYNTH_SHAPES = ("circle", "square", "triangle", "diamond", "star")
+SYNTH_SIZES = {"small": (18, 26), "big": (38, 52)}  # radius in pixels
+SYNTH_BACKGROUNDS = {"white": (236, 236, 230), "gray": (150, 150, 150), "black": (32, 32, 38)}
+SYNTH_IMAGE_SIZES = ((256, 256), (288, 256), (320, 256), (256, 288), (256, 320))  # (width, height)
+SYNTH_MANIFEST = "SYNTHETIC_WORLD.json"
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
+OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+Thing = collections.namedtuple("Thing", "shape color size x y r rgb")
+Scene = collections.namedtuple("Scene", "width height background bg_rgb things")
+
+
+def default_data_root():
+    """<repo>/data/synthetic: where the training script keeps the synthetic world."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "synthetic")
+
+
+def _jitter(rgb, rng, amount):
+    return tuple(min(255, max(0, c + rng.randint(-amount, amount))) for c in rgb)
+
+
+def random_scene(rng, n_things=None, prefer=()):
+    """1-4 non-overlapping shapes on a plain background. `prefer`: (colour, shape) pairs that each shape takes
+    with probability 0.6 (used to make a statement about them true often enough)."""
+    width, height = rng.choice(SYNTH_IMAGE_SIZES)
+    background = rng.choice(sorted(SYNTH_BACKGROUNDS))
+    n = n_things or rng.choices((1, 2, 3, 4), weights=(1, 3, 3, 2))[0]
+    things = []
+    for _ in range(200):
+        if len(things) == n:
+            break
+        size = rng.choice(("small", "big"))
+        r = rng.randint(*SYNTH_SIZES[size])
+        x, y = rng.randint(r + 4, width - r - 4), rng.randint(r + 4, height - r - 4)
+        if any(math.hypot(x - t.x, y - t.y) < r + t.r + 6 for t in things):
+            continue
+        if prefer and rng.random() < 0.6:
+            color, shape = rng.choice(prefer)
+        else:
+            color, shape = rng.choice(sorted(SYNTH_COLORS)), rng.choice(SYNTH_SHAPES)
+        things.append(Thing(shape, color, size, x, y, r, _jitter(SYNTH_COLORS[color], rng, 14)))
+    return Scene(width, height, background, _jitter(SYNTH_BACKGROUNDS[background], rng, 8), tuple(things))
+
+
+def render_scene(scene):
+    """Draw a scene (deterministic: all randomness is in the scene)."""
+    img = Image.new("RGB", (scene.width, scene.height), scene.bg_rgb)
+    draw = ImageDraw.Draw(img)
+    for t in scene.things:
+        x, y, r = t.x, t.y, t.r
+        if t.shape == "circle":
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=t.rgb)
+        elif t.shape == "square":
+            s = 0.85 * r
+            draw.rectangle([x - s, y - s, x + s, y + s], fill=t.rgb)
+        elif t.shape == "triangle":
+            draw.polygon([(x, y - r), (x - 0.95 * r, y + 0.8 * r), (x + 0.95 * r, y + 0.8 * r)], fill=t.rgb)
+        elif t.shape == "diamond":
+            draw.polygon([(x, y - r), (x + 0.7 * r, y), (x, y + r), (x - 0.7 * r, y)], fill=t.rgb)
+        else:  # star: 10 corners alternating between the outer and the inner radius
+            corners = [(x + (r if k % 2 == 0 else 0.45 * r) * math.cos(math.pi * (k / 5 - 0.5)),
+                        y + (r if k % 2 == 0 else 0.45 * r) * math.sin(math.pi * (k / 5 - 0.5))) for k in range(10)]
+            draw.polygon(corners, fill=t.rgb)
+    return img
+
+
+# -- the language of the world --
+
+def _a(phrase):
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def _plural(word, n):
+    return word if n == 1 else word + "s"
+
+
+def _noun(t, with_size=False):
+    return f"{t.size} {t.color} {t.shape}" if with_size else f"{t.color} {t.shape}"
+
+
+def _relation(a, b, weak=False):
+    """Where a is with respect to b, along the axis of the larger offset; None when too close to say. weak=True
+    instead returns every direction a is at all (for checking that a claimed relation is false)."""
+    dx, dy = b.x - a.x, b.y - a.y
+    if weak:
+        return {rel for rel, d in (("left of", dx), ("right of", -dx), ("above", dy), ("below", -dy)) if d > 8}
+    if max(abs(dx), abs(dy)) < 24:
+        return None
+    if abs(dx) >= abs(dy):
+        return "left of" if dx > 0 else "right of"
+    return "above" if dy > 0 else "below"
+
+
+def _where(t, scene):
+    """"left", "right", "top", "bottom" or "middle": the side of the image the shape is on."""
+    dx, dy = t.x - scene.width / 2, t.y - scene.height / 2
+    if max(abs(dx), abs(dy)) < 0.15 * min(scene.width, scene.height):
+        return "middle"
+    if abs(dx) >= abs(dy):
+        return "left" if dx < 0 else "right"
+    return "top" if dy < 0 else "bottom"
+
+
+def _region_phrase(t, scene):
+    col = "left" if t.x < scene.width / 3 else "right" if t.x > 2 * scene.width / 3 else ""
+    row = "top" if t.y < scene.height / 3 else "bottom" if t.y > 2 * scene.height / 3 else ""
+    if col and row:
+        return f"in the {row} {col} corner"
+    if col:
+        return f"on the {col}"
+    if row:
+        return f"at the {row}"
+    return "in the middle"
+
+
+def _count(scene, color=None, shape=None):
+    return sum((color is None or t.color == color) and (shape is None or t.shape == shape) for t in scene.things)
+
+
+def _unique(scene, key):
+    """Shapes that are the only ones with their key (e.g. the only circle), so "the circle" is well defined."""
+    keys = collections.Counter(key(t) for t in scene.things)
+    return [t for t in scene.things if keys[key(t)] == 1]
+
+
+def synth_captions(scene, rng, n):
+    """n different true captions (fewer only if the scene allows no more), COCO-like in style."""
+    things, bg = scene.things, scene.background
+
+    def relation():
+        if len(things) < 2:
+            return None
+        a, b = rng.sample(things, 2)
+        rel = _relation(a, b)
+        if rel is None:
+            return None
+        verb = rng.choice(("", "is ", "placed "))
+        return f"{_a(_noun(a, rng.random() < 0.5))} {verb}{rel} {_a(_noun(b, rng.random() < 0.5))}"
+
+    def listing():
+        names = [_a(_noun(t, rng.random() < 0.4)) for t in rng.sample(things, len(things))]
+        text = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+        return rng.choice(("", "a picture of ", "an image with ")) + text + rng.choice(("", f" on a {bg} background"))
+
+    def counting():
+        n_things = len(things)
+        t = rng.choice(things)
+        return rng.choice((f"{NUMBER_WORDS[n_things]} {_plural('shape', n_things)} on a {bg} background",
+                           f"{NUMBER_WORDS[n_things]} {_plural('shape', n_things)} including {_a(_noun(t))}"))
+
+    def position():
+        t = rng.choice(things)
+        return f"{_a(_noun(t, rng.random() < 0.5))} {_region_phrase(t, scene)}"
+
+    def colours():
+        parts = [f"{NUMBER_WORDS[k]} {c} {_plural('shape', k)}"
+                 for c, k in collections.Counter(t.color for t in things).most_common()]
+        return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+    def relation_and_place():
+        if len(things) < 2:
+            return None
+        a, b = rng.sample(things, 2)
+        rel = _relation(a, b)
+        return None if rel is None else f"the {_noun(a)} {_region_phrase(a, scene)} is {rel} the {_noun(b)}"
+
+    makers = (relation, relation, listing, counting, position, colours, relation_and_place)
+    captions = []
+    for _ in range(200):
+        text = rng.choice(makers)()
+        if text and text not in captions:
+            captions.append(text)
+        if len(captions) == n:
+            break
+    return captions
+
+
+def _raw_caption(text, rng):
+    """COCO's raw captions: often capitalised with a period, sometimes with trailing spaces or a newline."""
+    if rng.random() < 0.5:
+        text = text[0].upper() + text[1:] + "."
+    return text + rng.choice(("",) * 8 + (" ", " \n"))
+
+
+def synth_questions(scene, rng, n=3):
+    """n VQA questions: (question, answer, answer_type, question_type, kind)."""
+    things = scene.things
+    colours, shapes = sorted(SYNTH_COLORS), SYNTH_SHAPES
+
+    def colour():
+        t = rng.choice(_unique(scene, lambda t: t.shape) or [None])
+        return t and (f"what color is the {t.shape}?", t.color, "other", "what color is the", "color")
+
+    def shape():
+        t = rng.choice(_unique(scene, lambda t: t.color) or [None])
+        return t and (f"what shape is the {t.color} object?", t.shape, "other", "what shape is the", "shape")
+
+    def count_shape():
+        s = rng.choice([t.shape for t in things] + list(shapes))
+        return (f"how many {s}s are there?", str(_count(scene, shape=s)), "number", "how many", "number")
+
+    def count_colour():
+        c = rng.choice([t.color for t in things] + colours)
+        return (f"how many {c} shapes are there?", str(_count(scene, color=c)), "number", "how many", "number")
+
+    def count_all():
+        question = rng.choice(("how many shapes are there?", "how many objects are in the picture?"))
+        return (question, str(len(things)), "number", "how many", "number")
+
+    def exists():
+        t = rng.choice(things)
+        c, s = t.color, t.shape
+        if rng.random() < 0.5:  # change one attribute into a combination that is not in the image
+            for _ in range(20):
+                c2, s2 = (rng.choice(colours), s) if rng.random() < 0.5 else (c, rng.choice(shapes))
+                if not _count(scene, c2, s2):
+                    c, s = c2, s2
+                    break
+        answer = "yes" if _count(scene, c, s) else "no"
+        return (f"is there {_a(c + ' ' + s)}?", answer, "yes/no", "is there a", "yesno")
+
+    def relation():
+        unique = _unique(scene, lambda t: (t.color, t.shape))
+        if len(unique) < 2:
+            return None
+        a, b = rng.sample(unique, 2)
+        rel = _relation(a, b)
+        if rel is None:
+            return None
+        asked, answer = (rel, "yes") if rng.random() < 0.5 else (OPPOSITE[rel], "no")
+        return (f"is the {_noun(a)} {asked} the {_noun(b)}?", answer, "yes/no", "is the", "yesno")
+
+    def where():
+        t = rng.choice(_unique(scene, lambda t: (t.color, t.shape)) or [None])
+        return t and (f"where is the {_noun(t)}?", _where(t, scene), "other", "where is the", "position")
+
+    def size():
+        t = rng.choice(_unique(scene, lambda t: (t.color, t.shape)) or [None])
+        return t and (f"what size is the {_noun(t)}?", t.size, "other", "what size is the", "size")
+
+    makers = (colour, shape, count_shape, count_colour, count_all, exists, exists, relation, where, size)
+    questions = []
+    for _ in range(100):
+        q = rng.choice(makers)()
+        if q and q[0] not in [x[0] for x in questions]:
+            questions.append(q)
+        if len(questions) == n:
+            break
+    return questions
+
+
+_ANSWER_CHOICES = {"color": sorted(SYNTH_COLORS), "shape": list(SYNTH_SHAPES), "yesno": ["yes", "no"],
+                   "position": ["left", "right", "top", "bottom", "middle"], "size": ["small", "big"]}
+
+
+def synth_human_answers(answer, kind, rng):
+    """10 annotators: most give the answer, a question-dependent few a plausible wrong one, and some write it
+    differently ("Red", "two", "left.") in ways the official normalisation undoes."""
+    difficulty = rng.choice((0.0, 0.05, 0.1, 0.2, 0.3))
+    answers = []
+    for _ in range(10):
+        a = answer
+        if rng.random() < difficulty:
+            if kind == "number":
+                a = str(max(0, int(answer) + rng.choice((-1, 1))))
+            else:
+                a = rng.choice([c for c in _ANSWER_CHOICES[kind] if c != answer])
+        r = rng.random()
+        if r < 0.04:
+            a = a.capitalize()
+        elif r < 0.08 and kind == "number":
+            a = NUMBER_WORDS[int(a)]
+        elif r < 0.10:
+            a = a + "."
+        elif r < 0.12 and kind == "position":
+            a = "the " + a
+        answers.append(a)
+    return answers
+
+
+# -- statements that are true, false (one attribute changed) or undecidable: SNLI-VE --
+
+def _holds(scene, fact, weak=False):
+    """Whether a fact is true of a scene; weak=True reads relations loosely (to be sure a contradiction is false)."""
+    kind, things = fact[0], scene.things
+    if kind == "exists":
+        _, c, s, z = fact
+        return any(t.color == c and t.shape == s and (z is None or t.size == z) for t in things)
+    if kind == "count":
+        return len(things) == fact[1]
+    if kind == "all_color":
+        return all(t.color == fact[1] for t in things)
+    _, c1, s1, rel, c2, s2 = fact  # relation
+    pairs = [(a, b) for a in things for b in things
+             if a is not b and (a.color, a.shape) == (c1, s1) and (b.color, b.shape) == (c2, s2)]
+    return any(rel in _relation(a, b, weak=True) if weak else rel == _relation(a, b) for a, b in pairs)
+
+
+def _true_fact(scene, rng):
+    t = rng.choice(scene.things)
+    kind = rng.choice(("exists", "exists", "count", "relation", "relation", "all_color"))
+    if kind == "relation" and len(scene.things) >= 2:
+        a, b = rng.sample(scene.things, 2)
+        rel = _relation(a, b)
+        if rel is not None:
+            return ("relation", a.color, a.shape, rel, b.color, b.shape)
+    if kind == "count":
+        return ("count", len(scene.things))
+    if kind == "all_color" and _holds(scene, ("all_color", t.color)):
+        return ("all_color", t.color)
+    return ("exists", t.color, t.shape, t.size if rng.random() < 0.3 else None)
+
+
+def _change_one_attribute(fact, rng):
+    kind = fact[0]
+    if kind == "exists":
+        _, c, s, z = fact
+        which = rng.choice(("color", "shape", "size") if z else ("color", "shape"))
+        if which == "color":
+            return ("exists", rng.choice([x for x in SYNTH_COLORS if x != c]), s, z)
+        if which == "shape":
+            return ("exists", c, rng.choice([x for x in SYNTH_SHAPES if x != s]), z)
+        return ("exists", c, s, "small" if z == "big" else "big")
+    if kind == "count":
+        return ("count", max(1, fact[1] + rng.choice((-1, 1))))
+    if kind == "all_color":
+        return ("all_color", rng.choice([x for x in SYNTH_COLORS if x != fact[1]]))
+    _, c1, s1, rel, c2, s2 = fact
+    if rng.random() < 0.5:
+        return ("relation", c1, s1, OPPOSITE[rel], c2, s2)
+    return ("relation", rng.choice([x for x in SYNTH_COLORS if x != c1]), s1, rel, c2, s2)
+
+
+def _say(fact, rng):
+    kind = fact[0]
+    if kind == "exists":
+        _, c, s, z = fact
+        noun = _a(f"{z} {c} {s}" if z else f"{c} {s}")
+        return rng.choice((f"There is {noun}.", f"The picture contains {noun}.", f"{noun.capitalize()} can be seen."))
+    if kind == "count":
+        n = fact[1]
+        return f"There is exactly one shape." if n == 1 else f"The picture shows {NUMBER_WORDS[n]} shapes."
+    if kind == "all_color":
+        return f"All the shapes are {fact[1]}."
+    _, c1, s1, rel, c2, s2 = fact
+    return f"{_a(c1 + ' ' + s1).capitalize()} is {rel} {_a(c2 + ' ' + s2)}."
+
+
+def _neutral_statement(scene, rng):
+    """About shapes in the image, but nothing the image can settle."""
+    t = rng.choice(scene.things)
+    other = rng.choice(scene.things)
+    return rng.choice((
+        f"The {_noun(t)} is made of {rng.choice(('wood', 'paper', 'metal', 'glass', 'plastic'))}.",
+        f"The {_noun(t)} was drawn by a child.",
+        f"Someone is about to move the {_noun(t)}.",
+        f"The {_noun(t)} is the artist's favourite shape.",
+        f"The {_noun(t)} is heavier than the {_noun(other)}." if other is not t else f"The {_noun(t)} is warm.",
+    ))
+
+
+def synth_hypotheses(scene, rng):
+    """One (hypothesis, gold_label) per label, the contradiction a true fact with one attribute changed."""
+    true = _true_fact(scene, rng)
+    false = None
+    for _ in range(30):
+        candidate = _change_one_attribute(_true_fact(scene, rng), rng)
+        if not _holds(scene, candidate, weak=True):
+            false = candidate
+            break
+    if false is None:  # e.g. a single shape and bad luck: a shape of a colour that is not there
+        used = {t.color for t in scene.things}
+        false = ("exists", next(c for c in sorted(SYNTH_COLORS) if c not in used), "circle", None)
+    return [(_say(true, rng), "entailment"), (_neutral_statement(scene, rng), "neutral"),
+            (_say(false, rng), "contradiction")]
+
+
+# -- NLVR2 statements about a pair of images --
+
+def synth_nlvr2_statement(rng):
+    """(sentence, predicate(left scene, right scene) -> bool, (colour, shape) pairs to favour when sampling)."""
+    c, s = rng.choice(sorted(SYNTH_COLORS)), rng.choice(SYNTH_SHAPES)
+    c2, s2 = rng.choice(sorted(SYNTH_COLORS)), rng.choice(SYNTH_SHAPES)
+    n = rng.randint(1, 3)
+    z = rng.choice(("small", "big"))
+    rel = rng.choice(sorted(OPPOSITE))
+    has = lambda scene: _count(scene, c, s) > 0
+    kind = rng.randrange(8)
+    if kind == 0:
+        return (f"The left image contains exactly {NUMBER_WORDS[n]} {c} {_plural('shape', n)}.",
+                lambda L, R: _count(L, color=c) == n, [(c, s)])
+    if kind == 1:
+        return f"Both images contain {_a(c + ' ' + s)}.", lambda L, R: has(L) and has(R), [(c, s)]
+    if kind == 2:
+        return f"Exactly one image contains {_a(c + ' ' + s)}.", lambda L, R: has(L) != has(R), [(c, s)]
+    if kind == 3:
+        return (f"There are more {s}s in the left image than in the right image.",
+                lambda L, R: _count(L, shape=s) > _count(R, shape=s), [(c, s)])
+    if kind == 4:
+        return (f"The right image contains {_a(z + ' ' + c + ' ' + s)}.",
+                lambda L, R: _holds(R, ("exists", c, s, z)), [(c, s)])
+    if kind == 5:
+        return (f"There are {NUMBER_WORDS[n + 1]} {s}s in total.",
+                lambda L, R: _count(L, shape=s) + _count(R, shape=s) == n + 1, [(c, s)])
+    if kind == 6:
+        return (f"In the left image, {_a(c + ' ' + s)} is {rel} {_a(c2 + ' ' + s2)}.",
+                lambda L, R: _holds(L, ("relation", c, s, rel, c2, s2)), [(c, s), (c2, s2)])
+    return (f"One image contains only {c} shapes.",
+            lambda L, R: _holds(L, ("all_color", c)) or _holds(R, ("all_color", c)), [(c, s)])
+
+
+# -- writing the files --
+
+def _save(img, path, fmt="JPEG"):
+    if fmt == "JPEG":
+        img.save(path, "JPEG", quality=90)
+    else:
+        img.save(path, "PNG", compress_level=1)
+
+
+def _split_counts(n, fractions):
+    """Split n items by fractions, at least one per part (when n allows), the first part taking the rest."""
+    counts = [max(1, int(n * f)) for f in fractions[1:]]
+    return [n - sum(counts)] + counts
+
+
+def _write_json(path, obj):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f)
+
+
+def write_synthetic_world(root, seed=0, n_images=2000, vocab_size=1000):
+    """Render the synthetic world into `root` in the real formats and the --data layout. Deterministic for a seed.
+
+    n_images COCO-style images (Karpathy train / restval / val / test = 60 / 15 / 12.5 / 12.5 %, 5 captions each,
+    a few with 6 or 7), plus n_images/16 COCO test2015 images for VQA test-dev/test; 3 VQA questions per COCO
+    image; n_images/4 Flickr30K-style images with captions, and SNLI-VE: 2 premise captions per image with one
+    hypothesis per label each (6 per image); n_images/10 NLVR2 sentence sets of 4 image pairs each; n_images/16 VG images (a third of
+    them copies of COCO images, with their coco_id); and vocab.txt trained on all the texts. Returns the counts.
+    """
+    rng_for = lambda part: random.Random(f"{seed}/{part}")
+    texts, counts = [], {}
+    for d in ("coco/train2014", "coco/val2014", "coco/test2015", "vg/VG_100K", "vg/VG_100K_2", "vqa",
+              "nlvr2/images/train", "nlvr2/dev", "nlvr2/test1", "flickr30k/flickr30k-images", "snli-ve"):
+        os.makedirs(os.path.join(root, d), exist_ok=True)
+
+    # COCO: Karpathy-split captions; images in train2014 (Karpathy train) and val2014 (restval, val, test)
+    rng = rng_for("coco")
+    n_test2015 = max(2, n_images // 16)
+    coco_ids = rng.sample(range(1, 600000), n_images + n_test2015)
+    split_of = [s for s, k in zip(("train", "restval", "val", "test"),
+                                  _split_counts(n_images, (0.6, 0.15, 0.125, 0.125))) for _ in range(k)]
+    rng.shuffle(split_of)
+    coco_images, coco_scenes, sentid = [], [], 0
+    for imgid in range(n_images):
+        split, cocoid = split_of[imgid], coco_ids[imgid]
+        folder = "train2014" if split == "train" else "val2014"
+        filename = f"COCO_{folder}_{cocoid:012d}.jpg"
+        scene = random_scene(rng)
+        _save(render_scene(scene), os.path.join(root, "coco", folder, filename))
+        captions = synth_captions(scene, rng, rng.choice((5,) * 18 + (6, 7)))
+        sentences = []
+        for caption in captions:
+            raw = _raw_caption(caption, rng)
+            sentences.append({"tokens": re.findall(r"[a-z]+", raw.lower()), "raw": raw, "imgid": imgid,
+                              "sentid": sentid})
+            sentid += 1
+        texts += captions
+        coco_images.append({"filepath": folder, "sentids": [s["sentid"] for s in sentences], "filename": filename,
+                            "imgid": imgid, "split": split, "sentences": sentences, "cocoid": cocoid})
+        coco_scenes.append(scene)
+    _write_json(os.path.join(root, "coco", "dataset_coco.json"), {"images": coco_images, "dataset": "coco"})
+    counts["coco"] = dict(collections.Counter(split_of))
+
+    # VQA v2 on the COCO images (and test2015 images for test-dev / test-std)
+    rng = rng_for("vqa")
+    test_scenes = []
+    for k in range(n_test2015):
+        scene = random_scene(rng)
+        image_id = coco_ids[n_images + k]
+        _save(render_scene(scene), os.path.join(root, "coco", "test2015", f"COCO_test2015_{image_id:012d}.jpg"))
+        test_scenes.append((image_id, scene))
+    subsets = {"train2014": [], "val2014": [], "test2015": test_scenes}
+    for record, scene in zip(coco_images, coco_scenes):
+        subsets[record["filepath"]].append((record["cocoid"], scene))
+    info = {"description": "SOHO synthetic world (VQA v2 format)", "version": "2.0", "year": 2017}
+    for subset, images in subsets.items():
+        questions, annotations = [], []
+        for image_id, scene in images:
+            for k, (question, answer, answer_type, question_type, kind) in enumerate(synth_questions(scene, rng)):
+                qid = image_id * 1000 + k
+                questions.append({"image_id": image_id, "question": question, "question_id": qid})
+                texts.append(question)
+                answers = synth_human_answers(answer, kind, rng)
+                normalized = collections.Counter(normalize_vocab_answer(a) for a in answers)
+                annotations.append({
+                    "question_type": question_type, "multiple_choice_answer": normalized.most_common(1)[0][0],
+                    "answers": [{"answer": a, "answer_confidence": "yes" if a == answer else rng.choice(("yes", "maybe", "no")),
+                                 "answer_id": j + 1} for j, a in enumerate(answers)],
+                    "image_id": image_id, "answer_type": answer_type, "question_id": qid})
+        header = {"info": info, "task_type": "Open-Ended", "data_type": "mscoco", "license": {}}
+        _write_json(os.path.join(root, "vqa", VQA_QUESTION_FILES[subset]),
+                    dict(header, data_subtype=subset, questions=questions))
+        if subset in VQA_ANNOTATION_FILES:
+            _write_json(os.path.join(root, "vqa", VQA_ANNOTATION_FILES[subset]),
+                        {"info": info, "license": {}, "data_subtype": subset, "data_type": "mscoco",
+                         "annotations": annotations})
+        else:  # test-dev2015 is a subset of test2015: the questions of its first half of the images
+            dev_images = {image_id for image_id, _ in images[:max(1, len(images) // 2)]}
+            _write_json(os.path.join(root, "vqa", VQA_QUESTION_FILES["test-dev2015"]),
+                        dict(header, data_subtype="test-dev2015",
+                             questions=[q for q in questions if q["image_id"] in dev_images]))
+        counts[f"vqa_{subset}"] = len(questions)
+
+    # Flickr30K (Karpathy split) and SNLI-VE on its images
+    rng = rng_for("flickr30k")
+    n_flickr = max(3, n_images // 4)
+    flickr_split = [s for s, k in zip(("train", "val", "test"), _split_counts(n_flickr, (0.8, 0.1, 0.1)))
+                    for _ in range(k)]
+    flickr_ids = rng.sample(range(10 ** 8, 10 ** 9), n_flickr)
+    flickr_images, snli = [], {"train": [], "val": [], "test": []}
+    for imgid in range(n_flickr):
+        scene = random_scene(rng)
+        filename = f"{flickr_ids[imgid]}.jpg"
+        _save(render_scene(scene), os.path.join(root, "flickr30k", "flickr30k-images", filename))
+        captions = synth_captions(scene, rng, 5)
+        texts += captions
+        sentences = [{"tokens": re.findall(r"[a-z]+", c.lower()), "raw": _raw_caption(c, rng), "imgid": imgid,
+                      "sentid": imgid * 5 + k} for k, c in enumerate(captions)]
+        flickr_images.append({"sentids": [s["sentid"] for s in sentences], "imgid": imgid, "sentences": sentences,
+                              "split": flickr_split[imgid], "filename": filename})
+        for k in rng.sample(range(len(captions)), min(2, len(captions))):  # two premises per image
+            premise = sentences[k]["raw"].strip()
+            for hypothesis, label in synth_hypotheses(scene, rng):
+                texts.append(hypothesis)
+                snli[flickr_split[imgid]].append({
+                    "annotator_labels": [label], "captionID": f"{filename}#{k}", "gold_label": label,
+                    "pairID": f"{filename}#{k}r1{label[0]}", "sentence1": premise, "sentence2": hypothesis,
+                    "Flickr30K_ID": filename[:-4]})
+    _write_json(os.path.join(root, "flickr30k", "dataset_flickr30k.json"),
+                {"images": flickr_images, "dataset": "flickr30k"})
+    for split, snli_split in (("train", "train"), ("dev", "val"), ("test", "test")):
+        with open(os.path.join(root, "snli-ve", f"snli_ve_{split}.jsonl"), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in snli[snli_split])
+        counts[f"snli-ve_{split}"] = len(snli[snli_split])
+    counts["flickr30k"] = dict(collections.Counter(flickr_split))
+
+    # NLVR2: sets of 4 image pairs sharing a sentence, labels balanced where the sampling allows
+    rng = rng_for("nlvr2")
+    n_sets = max(3, n_images // 10)
+    set_counts = _split_counts(n_sets, (0.75, 0.125, 0.125))
+    set_id = 0
+    for split, n_split_sets in zip(("train", "dev", "test1"), set_counts):
+        lines = []
+        for _ in range(n_split_sets):
+            sentence, predicate, prefer = synth_nlvr2_statement(rng)
+            texts.append(sentence)
+            wanted = [True, True, False, False]
+            rng.shuffle(wanted)
+            for pair, want in enumerate(wanted):
+                for _ in range(300):
+                    left, right = random_scene(rng, prefer=prefer), random_scene(rng, prefer=prefer)
+                    if predicate(left, right) == want:
+                        break
+                label = predicate(left, right)  # the label is always the truth, balance is best effort
+                stem = f"{split}-{set_id}-{pair}"
+                record = {"identifier": f"{stem}-0", "sentence": sentence, "label": str(label),
+                          "left_url": f"https://synthetic.invalid/{stem}-img0.png",
+                          "right_url": f"https://synthetic.invalid/{stem}-img1.png",
+                          "synset": "n00027807", "query": f"{prefer[0][0]} {prefer[0][1]}"}
+                folder = os.path.join(root, "nlvr2", "dev" if split == "dev" else "test1")
+                if split == "train":
+                    record["directory"] = set_id % 100
+                    folder = os.path.join(root, "nlvr2", "images", "train", str(set_id % 100))
+                    os.makedirs(folder, exist_ok=True)
+                for side, scene in (("img0", left), ("img1", right)):  # a quarter are JPEGs named .png, as in NLVR2
+                    _save(render_scene(scene), os.path.join(folder, f"{stem}-{side}.png"),
+                          "JPEG" if rng.random() < 0.25 else "PNG")
+                lines.append(record)
+            set_id += 1
+        with open(os.path.join(root, "nlvr2", f"{split}.json"), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in lines)
+        counts[f"nlvr2_{split}"] = len(lines)
+
+    # Visual Genome: region descriptions; a third of the images are COCO images (same scene, coco_id set)
+    rng = rng_for("vg")
+    n_vg = max(2, n_images // 16)
+    region_descriptions, image_data, region_id = [], [], 1
+    for image_id in range(1, n_vg + 1):
+        if image_id % 3 == 1:
+            k = rng.randrange(n_images)
+            scene, coco_id = coco_scenes[k], coco_images[k]["cocoid"]
+        else:
+            scene, coco_id = random_scene(rng), None
+        folder = "VG_100K" if image_id <= n_vg // 2 else "VG_100K_2"
+        _save(render_scene(scene), os.path.join(root, "vg", folder, f"{image_id}.jpg"))
+        regions = []
+        for t in scene.things:
+            phrase = rng.choice((_noun(t), _noun(t, True), f"{_noun(t)} {_region_phrase(t, scene)}"))
+            others = [u for u in scene.things if u is not t and _relation(t, u)]
+            if others and rng.random() < 0.5:
+                u = rng.choice(others)
+                phrase = f"{_noun(t)} {_relation(t, u)} {_noun(u)}"
+            texts.append(phrase)
+            regions.append({"region_id": region_id, "width": 2 * t.r, "height": 2 * t.r, "image_id": image_id,
+                            "phrase": phrase, "y": t.y - t.r, "x": t.x - t.r})
+            region_id += 1
+        region_descriptions.append({"regions": regions, "id": image_id})
+        image_data.append({"width": scene.width, "url": f"https://cs.stanford.edu/people/rak248/{folder}/{image_id}.jpg",
+                           "height": scene.height, "image_id": image_id, "coco_id": coco_id, "flickr_id": None})
+    _write_json(os.path.join(root, "vg", "region_descriptions.json"), region_descriptions)
+    _write_json(os.path.join(root, "vg", "image_data.json"), image_data)
+    counts["vg"] = n_vg
+
+    # the WordPiece vocabulary of this world, so no BERT file is needed
+    train_wordpiece_vocab(texts + [a for a in _ANSWER_CHOICES for a in _ANSWER_CHOICES[a]],
+                          os.path.join(root, "vocab.txt"), vocab_size)
+    manifest = {"seed": seed, "n_images": n_images, "counts": counts, "format_version": 1}
+    _write_json(os.path.join(root, SYNTH_MANIFEST), manifest)  # written last: marks the world complete
+    return manifest
+
+
+def ensure_synthetic_world(root=None, seed=0, **kwargs):
+    """Write the synthetic world into `root` (default: default_data_root()) unless it is already there; returns
+    root. It is written into a temporary folder and renamed, so an interrupted run leaves nothing half-written
+    and concurrent callers (several ranks) end up with one complete world."""
+    root = os.path.abspath(root or default_data_root())
+    manifest = os.path.join(root, SYNTH_MANIFEST)
+    if os.path.isfile(manifest):
+        return root
+    if os.path.isdir(root) and os.listdir(root):
+        raise DataError(f"{root} is not empty but has no {SYNTH_MANIFEST}: not a synthetic world; remove it")
+    os.makedirs(os.path.dirname(root), exist_ok=True)
+    tmp = f"{root}.{os.getpid()}.tmp"
+    print(f"writing the synthetic world to {root} (once, about half a minute)", file=sys.stderr, flush=True)
+    try:
+        write_synthetic_world(tmp, seed, **kwargs)
+        try:
+            os.rename(tmp, root)
+        except OSError:
+            if not os.path.isfile(manifest):  # not another process that finished first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+# ---- Loading speed ----
+
+def measure_data_wait(loader, step_fn, num_batches=20, warmup=2):
+    """Run step_fn(batch) over a DataLoader and time how long the consumer waits for data.
+
+    Returns {"batches", "wait_s", "step_s", "wait_share"}; wait_share = wait / (wait + step). The first `warmup`
+    batches (worker start-up) are not counted.
+    """
+    iterator = iter(loader)
+    wait = step = 0.0
+    counted = 0
+    for k in range(warmup + num_batches):
+        t0 = time.perf_counter()
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            break
+        t1 = time.perf_counter()
+        step_fn(batch)
+        t2 = time.perf_counter()
+        if k >= warmup:
+            wait, step, counted = wait + t1 - t0, step + t2 - t1, counted + 1
+    return {"batches": counted, "wait_s": wait, "step_s": step, "wait_share": wait / max(wait + step, 1e-9)}
+
+
+# ---- Command line ----
+
+def _check(data_root, vocab, image_short, image_long):
+    """Build every task and split whose files exist, print its size, and read its first example."""
+    import types
+    config = types.SimpleNamespace(image_short=image_short, image_long=image_long, max_text_len=16)
+    vocab = vocab or os.path.join(data_root, "vocab.txt")
+    tokenizer = Tokenizer.from_vocab(vocab, 16) if os.path.isfile(vocab) else None
+    if tokenizer is None:
+        print(f"no vocabulary at {vocab}: counting only, not reading examples")
+    answer_vocab = None
+    try:
+        answer_vocab = build_vqa_answer_vocab(data_root)
+        print(f"vqa answer vocabulary: {len(answer_vocab)} answers")
+    except DataError as e:
+        print(e)
+    combos = [("pretrain", "train", {})]
+    combos += [("retrieval", s, {"source": src}) for src in ("coco", "flickr30k") for s in ("train", "val", "test")]
+    combos += [("vqa", s, {"answer_vocab": answer_vocab}) for s in VQA_SPLITS]
+    combos += [("nlvr2", s, {}) for s in ("train", "dev", "test1")]
+    combos += [("snli-ve", s, {}) for s in ("train", "dev", "test")]
+    for task, split, opts in combos:
+        name = f"{task} {opts.get('source', '')} {split}".replace("  ", " ")
+        try:
+            dataset = build_dataset(task, split, data_root, tokenizer, config, seed=0, **opts)
+            extra = f", {len(dataset.texts)} captions" if hasattr(dataset, "texts") else ""
+            extra += "".join(f", {k} {v}" for k, v in sorted(dataset.stats.items()))
+            if tokenizer is not None and len(dataset):
+                dataset[0]
+                extra += ", first example read"
+            print(f"{name:28s} {len(dataset):8d} examples{extra}")
+        except DataError as e:
+            print(f"{name:28s} unavailable: {e}")
+
+
+def _bench(args):
+    import types
+    data_root = args.data or ensure_synthetic_world()
+    tokenizer = Tokenizer.from_vocab(args.vocab or os.path.join(data_root, "vocab.txt"), 24)
+    config = types.SimpleNamespace(image_short=args.image_short, image_long=args.image_long, max_text_len=24)
+    dataset = build_dataset("pretrain", "train", data_root, tokenizer, config, seed=0)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True,
+                                         num_workers=args.workers, collate_fn=dataset.collate,
+                                         persistent_workers=args.workers > 0)
+    result = measure_data_wait(loader, lambda batch: time.sleep(args.step_ms / 1000), args.batches)
+    print(f"{result['batches']} batches of {args.batch_size} images x 4 texts, {args.workers} workers, "
+          f"simulated step {args.step_ms} ms: waited {result['wait_s']:.2f} s of "
+          f"{result['wait_s'] + result['step_s']:.2f} s = {100 * result['wait_share']:.1f}% of the time")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="SOHO data: synthetic world, checks, loading benchmark")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("synth", help="write the synthetic world")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--images", type=int, default=2000, help="COCO-style images; the other tasks scale with it")
+    p = sub.add_parser("check", help="count what a --data folder holds, task by task")
+    p.add_argument("--data", required=True)
+    p.add_argument("--vocab", default=None, help="vocab.txt (default: DIR/vocab.txt)")
+    p.add_argument("--image-short", type=int, default=600)
+    p.add_argument("--image-long", type=int, default=1000)
+    p = sub.add_parser("bench", help="share of time a consumer waits for pre-training batches")
+    p.add_argument("--data", default=None, help="default: the synthetic world")
+    p.add_argument("--vocab", default=None)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batches", type=int, default=20)
+    p.add_argument("--step-ms", type=float, default=500, help="duration of the simulated training step")
+    p.add_argument("--image-short", type=int, default=256)
+    p.add_argument("--image-long", type=int, default=384)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    if args.command == "synth":
+        t0 = time.time()
+        if os.path.exists(os.path.join(args.out, SYNTH_MANIFEST)):
+            print(f"{args.out} already holds a synthetic world")
+            return
+        manifest = write_synthetic_world(args.out, args.seed, args.images)
+        print(json.dumps(manifest["counts"]))
+        print(f"wrote {args.out} in {time.time() - t0:.1f} s")
+    elif args.command == "check":
+        _check(args.data, args.vocab, args.image_short, args.image_long)
+    else:
+        _bench(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -497,7 +497,7 @@ def train(cfg, model_overrides, args=None):
     if not cfg.bert:
         model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
     dataset = build_train_dataset(cfg, data_root, tokenizer, model_cfg)
-    answers = getattr(dataset, "answers", None)
+    answers = getattr(dataset, "answer_vocab", None)  # VQA: class index -> answer string
     if task == "vqa":
         model_cfg = dataclasses.replace(model_cfg, num_answers=len(answers))
 

@@ -233,6 +233,16 @@ def test_presets_shapes(name):
         assert (cfg.hidden_size, cfg.num_heads, cfg.num_layers, cfg.vd_size) == (768, 12, 12, 2048)
 
 
+def test_frozen_batchnorm_uses_stored_statistics_from_construction_on():
+    model = SOHO(replace(PRESETS["tiny"], backbone_bn="frozen"))
+    assert all(not m.training for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    model.train()
+    assert all(not m.training for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = model.backbone.bn1.running_mean.clone()
+    model.encode(torch.randn(2, 3, 128, 128), torch.ones(2, 128, 128, dtype=torch.bool))
+    assert torch.equal(model.backbone.bn1.running_mean, before)
+
+
 def test_tiny_pretraining_forward_backward():
     torch.manual_seed(0)
     model = SOHO(replace(PRESETS["tiny"], mvm_prob=1.0)).train()

@@ -1,0 +1,619 @@
+"""Tests of data.py on small fixtures written in the real formats (CPU, a few seconds)."""
+
+import collections
+import json
+import logging
+import os
+import pickle
+import sys
+import types
+
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import data  # noqa: E402
+
+SMALL = types.SimpleNamespace(image_short=64, image_long=96, max_text_len=24)  # small images keep tests fast
+
+
+# ---- fixtures ----
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("world"))
+    data.write_synthetic_world(root, seed=0, n_images=48)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tok(world):
+    return data.Tokenizer.from_vocab(os.path.join(world, "vocab.txt"), max_len=24)
+
+
+def write_jpeg(path, size=(40, 30), color=(200, 30, 30), mode="RGB"):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new(mode, size, color).save(path, "JPEG")
+
+
+def write_lines(path, records):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        for r in records:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+
+
+def karpathy_image(split, cocoid, captions, folder="train2014"):
+    return {"filepath": folder, "filename": f"COCO_{folder}_{cocoid:012d}.jpg", "cocoid": cocoid, "split": split,
+            "imgid": cocoid, "sentids": list(range(len(captions))),
+            "sentences": [{"raw": c, "tokens": c.split(), "imgid": cocoid, "sentid": k} for k, c in enumerate(captions)]}
+
+
+# ---- text ----
+
+HAND_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat", "play", "##ing",
+              "##ed", ".", ",", "a", "dog", "red", "circle", "cafe", "##s"]
+
+
+@pytest.fixture
+def hand_tok(tmp_path):
+    path = tmp_path / "vocab.txt"
+    path.write_text("\n".join(HAND_VOCAB) + "\n")
+    return data.Tokenizer.from_vocab(str(path), max_len=16)
+
+
+def test_tokenizer_matches_hand_computed_ids(hand_tok):
+    t = hand_tok
+    assert (t.pad_id, t.unk_id, t.cls_id, t.sep_id, t.mask_id, t.vocab_size) == (0, 1, 2, 3, 4, len(HAND_VOCAB))
+    assert t.encode("The cat sat on the mat.") == [2, 5, 6, 7, 8, 5, 9, 13, 3]
+    assert t.encode("PLAYING dogs") == [2, 10, 11, 16, 20, 3]  # upper case lowered, ##pieces
+    assert t.encode("the cat is played") == [2, 5, 6, 1, 10, 12, 3]  # unknown word -> [UNK]
+    assert t.encode("playx") == [2, 1, 3]  # a word that cannot be split entirely is one [UNK], as in BERT
+    assert t.encode("Café") == [2, 19, 3]  # accents stripped
+    assert t.encode("red,circle") == [2, 17, 14, 18, 3]  # punctuation splits
+    assert t.encode("a [MASK] cat") == [2, 15, 4, 6, 3]  # special tokens kept whole
+    assert t.encode("the cat sat on the mat", max_len=5) == [2, 5, 6, 7, 3]  # truncation keeps [SEP]
+    assert t.encode("") == [2, 3]
+    ids, mask = t.encode_batch(["the cat", "playing"])
+    assert ids.tolist() == [[2, 5, 6, 3], [2, 10, 11, 3]] and mask.all()
+    ids, mask = t.encode_batch(["the cat sat", "dog"])
+    assert ids.tolist() == [[2, 5, 6, 7, 3], [2, 16, 3, 0, 0]]
+    assert mask.tolist() == [[True] * 5, [True] * 3 + [False] * 2]
+    assert t.decode(ids[0]) == "the cat sat"
+    assert t.decode([2, 10, 11, 16, 20, 3]) == "playing dogs"
+    clone = pickle.loads(pickle.dumps(t))
+    assert clone.encode("PLAYING dogs") == t.encode("PLAYING dogs") and clone.max_len == 16
+
+
+def test_vocab_without_special_tokens_is_an_error(tmp_path):
+    path = tmp_path / "vocab.txt"
+    path.write_text("the\ncat\n")
+    with pytest.raises(data.DataError, match="vocab.txt.*special tokens"):
+        data.Tokenizer.from_vocab(str(path))
+
+
+def test_train_wordpiece_vocab(tmp_path):
+    texts = ["a red circle left of a small blue square", "how many circles are there?", "There is a green star."]
+    for name in ("a.txt", "b.txt"):
+        data.train_wordpiece_vocab(texts * 5, str(tmp_path / name), vocab_size=200)
+    lines = (tmp_path / "a.txt").read_text().splitlines()
+    assert lines[:5] == list(data.SPECIAL_TOKENS)
+    assert (tmp_path / "a.txt").read_text() == (tmp_path / "b.txt").read_text()  # deterministic
+    t = data.Tokenizer.from_vocab(str(tmp_path / "a.txt"))
+    for text in texts:
+        assert t.unk_id not in t.encode(text)
+        assert t.decode(t.encode(text)) == text.lower()
+    ids = t.encode("squares")  # an unseen word falls back to a known word and ##pieces, not [UNK]
+    assert t.unk_id not in ids and len(ids) > 3 and t.decode(ids) == "squares"
+
+
+def test_mask_tokens_statistics():
+    g = torch.Generator().manual_seed(0)
+    vocab = types.SimpleNamespace(mask_id=4, vocab_size=1000, special_ids=(0, 1, 2, 3, 4))
+    rows, width = 400, 64
+    ids = torch.randint(5, 1000, (rows, width), generator=g)
+    lengths = torch.randint(20, width + 1, (rows,), generator=g)
+    mask = torch.arange(width)[None] < lengths[:, None]
+    ids[:, 0] = 2
+    ids[torch.arange(rows), lengths - 1] = 3
+    ids[~mask] = 0
+    ids[::7, 5] = 1  # some [UNK]: never chosen either
+    masked, labels = data.mask_tokens(ids, mask, vocab, prob=0.15, generator=g)
+
+    candidates = mask & (ids > 4)
+    chosen = labels != -100
+    assert not (chosen & ~candidates).any()  # special tokens and padding never masked
+    assert (labels[chosen] == ids[chosen]).all()
+    assert (masked[~chosen] == ids[~chosen]).all()
+    share = chosen.sum().item() / candidates.sum().item()
+    assert abs(share - 0.15) < 0.01, share
+    n = chosen.sum().item()
+    to_mask = (masked[chosen] == 4).sum().item() / n
+    unchanged = (masked[chosen] == ids[chosen]).sum().item() / n
+    randomised = 1 - to_mask - unchanged
+    assert abs(to_mask - 0.8) < 0.03 and abs(unchanged - 0.1) < 0.02 and abs(randomised - 0.1) < 0.02
+    assert (masked >= 0).all() and not torch.isin(masked[chosen & (masked != 4)], torch.tensor([0, 1, 2, 3])).any()
+    # at least one chosen token in every row that has a candidate, even a short one
+    short = torch.tensor([[2, 10, 11, 3, 0], [2, 12, 3, 0, 0], [2, 3, 0, 0, 0]])
+    _, short_labels = data.mask_tokens(short, short != 0, vocab, generator=g)
+    assert (short_labels[:2] != -100).sum(1).min() >= 1 and (short_labels[2] == -100).all()
+
+
+def test_mask_tokens_reproducible_with_generator():
+    vocab = types.SimpleNamespace(mask_id=4, vocab_size=100, special_ids=(0, 1, 2, 3, 4))
+    ids = torch.randint(5, 100, (8, 20))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    a = data.mask_tokens(ids, mask, vocab, generator=torch.Generator().manual_seed(3))
+    b = data.mask_tokens(ids, mask, vocab, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+# ---- images ----
+
+def test_resize_pad_mask():
+    assert data.resize_image(Image.new("RGB", (400, 300)), 256, 384).size == (341, 256)  # short side to 256
+    assert data.resize_image(Image.new("RGB", (1000, 200)), 256, 384).size == (384, 77)  # long side capped
+    assert data.resize_image(Image.new("RGB", (60, 80)), 600, 1000).size == (600, 800)  # small images enlarged
+    assert data.resize_image(Image.new("RGB", (1333, 800)), 600, 1000).size == (1000, 600)
+    a = data.image_to_tensor(Image.new("RGB", (384, 77), (255, 0, 128)))
+    b = data.image_to_tensor(Image.new("RGB", (341, 256)))
+    assert a.shape == (3, 77, 384) and a.dtype == torch.float32
+    expected = (torch.tensor([1.0, 0.0, 128 / 255]) - data.IMAGENET_MEAN.flatten()) / data.IMAGENET_STD.flatten()
+    assert torch.allclose(a[:, 10, 10], expected, atol=1e-5)
+    images, mask = data.pad_images([a, b])
+    assert images.shape == (2, 3, 256, 384) and mask.shape == (2, 256, 384) and mask.dtype == torch.bool
+    assert images.shape[-1] % 32 == 0 and images.shape[-2] % 32 == 0
+    assert mask[0, :77, :384].all() and not mask[0, 77:].any()
+    assert mask[1, :256, :341].all() and not mask[1, :, 341:].any()
+    assert mask.sum().item() == 77 * 384 + 256 * 341
+    assert (images[0, :, 77:] == 0).all() and (images[1, :, :, 341:] == 0).all()
+    assert data.pad_images([torch.zeros(3, 33, 64)])[0].shape == (1, 3, 64, 64)
+
+
+def test_load_image_any_mode(tmp_path):
+    Image.new("L", (30, 20), 128).save(tmp_path / "gray.jpg")
+    Image.new("CMYK", (30, 20), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")
+    Image.new("RGB", (30, 20), (10, 200, 10)).convert("P").save(tmp_path / "palette.png")
+    Image.new("RGBA", (30, 20), (0, 0, 255, 255)).save(tmp_path / "rgba.png")
+    Image.new("RGBA", (30, 20), (0, 0, 0, 0)).save(tmp_path / "transparent.png")
+    Image.new("RGB", (30, 20), (200, 30, 30)).save(tmp_path / "jpeg_named.png", "JPEG")  # as in NLVR2
+    for name in ("gray.jpg", "cmyk.jpg", "palette.png", "rgba.png", "transparent.png", "jpeg_named.png"):
+        img = data.load_image(str(tmp_path / name))
+        assert img.mode == "RGB" and img.size == (30, 20), name
+    assert data.load_image(str(tmp_path / "gray.jpg")).getpixel((5, 5)) == (128, 128, 128)
+    r, g, b = data.load_image(str(tmp_path / "cmyk.jpg")).getpixel((5, 5))
+    assert r > 200 and g < 60 and b < 60  # CMYK (0, 255, 255, 0) is red
+    assert data.load_image(str(tmp_path / "transparent.png")).getpixel((5, 5)) == (255, 255, 255)
+    r, g, b = data.load_image(str(tmp_path / "jpeg_named.png")).getpixel((5, 5))
+    assert r > 180 and g < 60
+
+
+def test_bad_image_errors_name_the_file(tmp_path):
+    (tmp_path / "corrupt.jpg").write_bytes(b"this is not an image")
+    with pytest.raises(data.DataError, match="corrupt.jpg"):
+        data.load_image(str(tmp_path / "corrupt.jpg"))
+    with pytest.raises(data.DataError, match="not found.*missing.jpg"):
+        data.load_image(str(tmp_path / "missing.jpg"))
+    good = tmp_path / "truncated.jpg"
+    Image.new("RGB", (200, 200), (1, 2, 3)).save(good, "JPEG")
+    good.write_bytes(good.read_bytes()[:300])
+    with pytest.raises(data.DataError, match="truncated.jpg"):
+        data.load_image(str(good))
+
+
+# ---- synthetic world ----
+
+def test_synthetic_world_layout_and_determinism(world, tmp_path):
+    for rel in ("vocab.txt", "coco/dataset_coco.json", "vg/region_descriptions.json", "vg/image_data.json",
+                "vqa/v2_OpenEnded_mscoco_train2014_questions.json", "vqa/v2_OpenEnded_mscoco_val2014_questions.json",
+                "vqa/v2_OpenEnded_mscoco_test2015_questions.json", "vqa/v2_OpenEnded_mscoco_test-dev2015_questions.json",
+                "vqa/v2_mscoco_train2014_annotations.json", "vqa/v2_mscoco_val2014_annotations.json",
+                "nlvr2/train.json", "nlvr2/dev.json", "nlvr2/test1.json", "flickr30k/dataset_flickr30k.json",
+                "snli-ve/snli_ve_train.jsonl", "snli-ve/snli_ve_dev.jsonl", "snli-ve/snli_ve_test.jsonl",
+                data.SYNTH_MANIFEST):
+        assert os.path.isfile(os.path.join(world, rel)), rel
+    coco = json.load(open(os.path.join(world, "coco", "dataset_coco.json")))
+    assert {r["split"] for r in coco["images"]} == {"train", "restval", "val", "test"}
+    for r in coco["images"]:
+        assert r["filepath"] == ("train2014" if r["split"] == "train" else "val2014")
+        assert len(r["sentences"]) >= 5 and r["sentids"] == [s["sentid"] for s in r["sentences"]]
+        assert os.path.isfile(os.path.join(world, "coco", r["filepath"], r["filename"]))
+        w, h = Image.open(os.path.join(world, "coco", r["filepath"], r["filename"])).size
+        assert min(w, h) == 256 and max(w, h) <= 320
+    annotations = json.load(open(os.path.join(world, "vqa", "v2_mscoco_train2014_annotations.json")))["annotations"]
+    assert all(len(a["answers"]) == 10 for a in annotations)
+    assert {a["answer_type"] for a in annotations} <= {"yes/no", "number", "other"}
+    snli = [json.loads(l) for l in open(os.path.join(world, "snli-ve", "snli_ve_train.jsonl"))]
+    assert {r["gold_label"] for r in snli} == {"entailment", "neutral", "contradiction"}
+    nlvr2 = [json.loads(l) for l in open(os.path.join(world, "nlvr2", "train.json"))]
+    assert {r["label"] for r in nlvr2} == {"True", "False"} and all("directory" in r for r in nlvr2)
+
+    again = str(tmp_path / "again")
+    data.write_synthetic_world(again, seed=0, n_images=48)
+    for rel in ("coco/dataset_coco.json", "vocab.txt", "nlvr2/train.json", "snli-ve/snli_ve_dev.jsonl",
+                "vqa/v2_mscoco_val2014_annotations.json", "vg/region_descriptions.json",
+                "coco/train2014/" + sorted(os.listdir(os.path.join(world, "coco", "train2014")))[0]):
+        with open(os.path.join(world, rel), "rb") as a, open(os.path.join(again, rel), "rb") as b:
+            assert a.read() == b.read(), rel
+
+
+def test_synthetic_vqa_vocabulary_clears_the_official_threshold(tmp_path):
+    root = str(tmp_path / "w")
+    data.write_synthetic_world(root, seed=1, n_images=600)  # 1,800 train+val questions; the default has 6,000
+    vocab = data.build_vqa_answer_vocab(root)  # min_count=9, as for the real data
+    every_answer = (set(data.SYNTH_COLORS) | set(data.SYNTH_SHAPES) | {"0", "1", "2", "3", "4", "yes", "no"}
+                    | {"left", "right", "top", "bottom", "middle", "small", "big"})
+    assert set(vocab) == every_answer
+
+
+def test_ensure_synthetic_world_is_a_noop_when_present(tmp_path):
+    root = str(tmp_path / "synthetic")
+    assert data.ensure_synthetic_world(root, seed=0, n_images=16) == root
+    manifest = os.path.join(root, data.SYNTH_MANIFEST)
+    stamp = os.path.getmtime(manifest)
+    assert data.ensure_synthetic_world(root, seed=0, n_images=16) == root
+    assert os.path.getmtime(manifest) == stamp
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "file").write_text("x")
+    with pytest.raises(data.DataError, match="other"):
+        data.ensure_synthetic_world(str(tmp_path / "other"))
+    assert data.default_data_root().endswith(os.path.join("data", "synthetic"))
+
+
+# ---- pre-training ----
+
+def test_pretrain_batches(world, tok):
+    ds = data.build_dataset("pretrain", "train", world, tok, SMALL, seed=0)
+    coco = json.load(open(os.path.join(world, "coco", "dataset_coco.json")))["images"]
+    n_coco = sum(r["split"] in ("train", "restval") for r in coco)
+    assert ds.stats["coco_images"] == n_coco and len(ds) == n_coco + ds.stats["vg_images"]
+    batch = ds.collate([ds[i] for i in range(6)])
+    B = 6
+    assert batch["images"].shape[0] == B  # each image once in the CNN input
+    assert batch["input_ids"].shape[0] == 4 * B and batch["text_mask"].shape == batch["input_ids"].shape
+    assert batch["img_index"].tolist() == [i for i in range(B) for _ in range(4)]
+    assert batch["itm_label"].tolist() == [1, 1, 0, 0] * B
+    assert batch["mlm_labels"].shape == batch["input_ids"].shape and batch["skipped"] == 0
+    assert batch["input_ids"].shape[1] <= SMALL.max_text_len
+    for row in range(4 * B):
+        i = row // 4
+        text, source = batch["texts"][row], batch["text_source"][row].item()
+        own = ds.captions_of(i)
+        if batch["itm_label"][row] == 1:
+            assert text in own and source == i
+            assert (batch["mlm_labels"][row] != -100).any()
+        else:
+            assert source != i and ds.keys[source] != ds.keys[i] and text not in own and text in ds.captions_of(source)
+            assert (batch["mlm_labels"][row] == -100).all()
+            assert torch.equal(batch["input_ids"][row][batch["text_mask"][row]], torch.tensor(tok.encode(text)))
+        ids = batch["input_ids"][row]
+        assert ids[0] == tok.cls_id and ids[batch["text_mask"][row].sum() - 1] == tok.sep_id
+        assert (ids[~batch["text_mask"][row]] == tok.pad_id).all()
+    # determinism per (seed, epoch, index), and new draws in a new epoch
+    assert ds[3]["texts"] == ds[3]["texts"] and ds[3]["input_ids"] == ds[3]["input_ids"]
+    before = [ds[i]["texts"] for i in range(8)]
+    ds.set_epoch(1)
+    assert [ds[i]["texts"] for i in range(8)] != before
+
+
+def test_pretrain_hard_negative_shares_words(world, tok):
+    ds = data.build_dataset("pretrain", "train", world, tok, SMALL, seed=0)
+    hard = random_ = 0
+    for i in range(len(ds)):
+        e = ds[i]
+        words = data.content_words(e["texts"][0])
+        hard += len(words & data.content_words(e["texts"][2]))
+        random_ += len(words & data.content_words(e["texts"][3]))
+    assert hard > 1.5 * random_
+
+
+def test_pretrain_reads_coco_and_vg_without_leakage(tmp_path, hand_tok):
+    root = tmp_path
+    images = [karpathy_image("train", 1, ["the cat sat", "a dog"]),
+              karpathy_image("restval", 2, ["a red circle", "the mat"], "val2014"),
+              karpathy_image("test", 3, ["a cat on the mat"], "val2014"),
+              karpathy_image("val", 4, ["a dog on the mat"], "val2014")]
+    (root / "coco").mkdir()
+    (root / "coco" / "dataset_coco.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
+    for r in images:
+        write_jpeg(str(root / "coco" / r["filepath"] / r["filename"]))
+    (root / "vg").mkdir()
+    regions = [{"id": 10, "regions": [{"region_id": 1, "image_id": 10, "phrase": "a cat", "x": 0, "y": 0,
+                                       "width": 5, "height": 5}]},
+               {"image_id": 11, "regions": [{"region_id": 2, "image_id": 11, "phrase": "the dog ", "x": 0, "y": 0,
+                                             "width": 5, "height": 5},
+                                            {"region_id": 3, "image_id": 11, "phrase": " ", "x": 0, "y": 0,
+                                             "width": 5, "height": 5}]},
+               {"regions": [{"region_id": 4, "image_id": 12, "phrase": "red mat", "x": 0, "y": 0, "width": 5,
+                             "height": 5}]},
+               {"id": 13, "regions": [{"region_id": 5, "image_id": 13, "phrase": "a mat", "x": 0, "y": 0,
+                                       "width": 5, "height": 5}]}]
+    meta = [{"image_id": 10, "coco_id": 1, "url": "https://x/VG_100K/10.jpg"},
+            {"image_id": 11, "coco_id": None, "url": "https://x/VG_100K_2/11.jpg"},
+            {"image_id": 12, "coco_id": 3, "url": "https://x/VG_100K/12.jpg"},  # a COCO test image: dropped
+            {"image_id": 13, "coco_id": 4, "url": "https://x/VG_100K_2/13.jpg"}]  # a COCO val image: dropped
+    (root / "vg" / "region_descriptions.json").write_text(json.dumps(regions))
+    (root / "vg" / "image_data.json").write_text(json.dumps(meta))
+    write_jpeg(str(root / "vg" / "VG_100K" / "10.jpg"))
+    write_jpeg(str(root / "vg" / "VG_100K_2" / "11.jpg"))
+    ds = data.build_dataset("pretrain", "train", str(root), hand_tok, SMALL, seed=0)
+    assert len(ds) == 4 and ds.stats["dropped_coco_val_test"] == 2 and ds.stats["empty_captions"] == 1
+    paths = [ds.paths[i] for i in range(len(ds))]
+    assert paths[3].endswith(os.path.join("VG_100K_2", "11.jpg"))
+    assert ds.keys[2] == ds.keys[0] == "coco:1"  # VG image 10 is COCO image 1: the same photograph
+    for epoch in range(5):
+        ds.set_epoch(epoch)
+        for source in ds[0]["text_source"][2:] + ds[2]["text_source"][2:]:
+            assert source in (1, 3)  # never a caption of the same photograph
+        batch = ds.collate([ds[i] for i in range(4)])
+        assert batch["images"].shape[0] == 4
+
+
+# ---- retrieval ----
+
+def test_retrieval_train_and_eval(world, tok):
+    coco = json.load(open(os.path.join(world, "coco", "dataset_coco.json")))["images"]
+    captions = {r["cocoid"]: [s["raw"].strip() for s in r["sentences"]] for r in coco}
+    ds = data.build_dataset("retrieval", "train", world, tok, SMALL, seed=0, source="coco")
+    assert len(ds) == sum(r["split"] in ("train", "restval") for r in coco)
+    batch = ds.collate([ds[i] for i in range(8)])
+    assert batch["images"].shape[0] == batch["input_ids"].shape[0] == 8
+    assert len(set(batch["image_ids"])) == 8  # t distinct images
+    for image_id, text in zip(batch["image_ids"], batch["texts"]):
+        assert text in captions[image_id]  # caption j belongs to image j
+
+    test = data.build_dataset("retrieval", "test", world, tok, SMALL, source="coco")
+    test_images = [r for r in coco if r["split"] == "test"]
+    assert len(test) == len(test_images) and len(test.texts) == 5 * len(test_images)
+    assert test.txt2img.tolist() == [i for i in range(len(test_images)) for _ in range(5)]
+    assert test.img2txt[1] == [5, 6, 7, 8, 9]
+    image_batch = test.collate([test[i] for i in range(3)])
+    assert image_batch["image_index"].tolist() == [0, 1, 2] and image_batch["images"].shape[0] == 3
+    text_batch = test.texts.collate([test.texts[k] for k in range(7)])
+    assert text_batch["txt2img"].tolist() == [0] * 5 + [1] * 2 and text_batch["text_index"].tolist() == list(range(7))
+
+    flickr = data.build_dataset("retrieval", "test", world, tok, SMALL, source="flickr30k")
+    assert len(flickr.texts) == 5 * len(flickr) and flickr.collate([flickr[0]])["images"].shape[0] == 1
+
+
+def test_coco_image_with_seven_captions(tmp_path, hand_tok):
+    captions = [f"the cat {k}" for k in range(7)]
+    images = [karpathy_image("test", 5, captions, "val2014"), karpathy_image("train", 6, ["a dog", "", "the mat\n"])]
+    (tmp_path / "coco").mkdir()
+    (tmp_path / "coco" / "dataset_coco.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
+    test = data.build_dataset("retrieval", "test", str(tmp_path), hand_tok, SMALL, source="coco")
+    assert [test.texts.captions[k] for k in range(len(test.texts))] == captions[:5]  # the first 5
+    train = data.build_dataset("retrieval", "train", str(tmp_path), hand_tok, SMALL, source="coco")
+    assert train.stats["empty_captions"] == 1 and len(train.captions) == 2  # empty skipped, raw stripped
+    assert train.captions[1] == "the mat"
+
+
+# ---- VQA ----
+
+def test_answer_normalization():
+    assert data.normalize_answer("Two dogs.") == "2 dogs"
+    assert data.normalize_answer(" the Dog\n") == "dog"
+    assert data.normalize_answer("dont know") == "don't know"
+    assert data.normalize_answer("yes!") == "yes"
+    assert data.normalize_answer("left-hand") == "left hand"
+    assert data.normalize_answer("1,000") == "1000"  # digit,digit: punctuation deleted
+    assert data.normalize_answer("3.5") == "3.5"  # a period before a digit stays
+    assert data.normalize_answer("none") == "0"
+    assert data.normalize_answer("an apple") == "apple"
+    assert data.normalize_vocab_answer("red,white") == "red white"
+    assert data.normalize_vocab_answer("red, white") == "red white"
+    assert [data.vqa_soft_score(c) for c in range(6)] == pytest.approx([0, 0.3, 0.6, 0.9, 1, 1])
+
+
+def test_answer_vocabulary_counts_distinct_questions():
+    annotations = ([{"question_id": q, "multiple_choice_answer": "Two"} for q in range(5)]
+                   + [{"question_id": q, "multiple_choice_answer": "2"} for q in range(5, 9)]
+                   + [{"question_id": 1, "multiple_choice_answer": "cat"}] * 20  # one question, many times
+                   + [{"question_id": q, "multiple_choice_answer": "yes"} for q in range(20)])
+    assert data.answer_vocabulary(annotations) == ["yes", "2"]  # "two" and "2" merge: 9 questions
+    assert data.answer_vocabulary(annotations, min_count=1) == ["yes", "2", "cat"]
+
+
+def test_vqa_dataset(world, tok):
+    train = data.build_dataset("vqa", "train", world, tok, SMALL, min_answer_count=1)
+    n_train = len(json.load(open(os.path.join(world, "vqa", "v2_OpenEnded_mscoco_train2014_questions.json")))["questions"])
+    n_val = len(json.load(open(os.path.join(world, "vqa", "v2_OpenEnded_mscoco_val2014_questions.json")))["questions"])
+    assert len(train) == n_train + n_val
+    assert train.answer_vocab == data.build_vqa_answer_vocab(world, min_count=1)  # one parse or two: the same
+    assert len(data.build_dataset("vqa", "val", world, tok, SMALL, answer_vocab=train.answer_vocab)) == n_val
+    batch = train.collate([train[i] for i in range(5)])
+    assert batch["targets"].shape == (5, train.num_answers)
+    for value in batch["targets"].unique().tolist():
+        assert min(abs(value - s) for s in (0, 0.3, 0.6, 0.9, 1)) < 1e-6
+    assert (batch["targets"].max(1).values > 0).all()
+    assert all(len(a) == 10 for a in batch["answers"]) and set(batch["answer_type"]) <= set(data.VQA_ANSWER_TYPES)
+    assert batch["question_id"].dtype == torch.long and batch["images"].shape[0] == 5
+    e = train[0]
+    counts = collections.Counter(data.normalize_vocab_answer(a) for a in e["answers"])
+    for answer, count in counts.items():
+        assert e["targets"][train.answer_index[answer]].item() == pytest.approx(min(1, 0.3 * count))
+    dev = data.build_dataset("vqa", "test-dev", world, tok, SMALL, answer_vocab=train.answer_vocab)
+    batch = dev.collate([dev[i] for i in range(len(dev))])
+    assert batch["answer_type"] == [None] * len(dev) and batch["answers"] == [[]] * len(dev)
+    assert batch["targets"].sum() == 0
+    assert len(data.build_dataset("vqa", "test", world, tok, SMALL, answer_vocab=train.answer_vocab)) > len(dev)
+
+
+# ---- NLVR2 ----
+
+def test_nlvr2_dataset(world, tok):
+    ds = data.build_dataset("nlvr2", "train", world, tok, SMALL)
+    records = [json.loads(l) for l in open(os.path.join(world, "nlvr2", "train.json"))]
+    assert len(ds) == len(records)
+    assert ds.left[0] == os.path.join(world, "nlvr2", "images", "train", str(records[0]["directory"]),
+                                      records[0]["identifier"].rsplit("-", 1)[0] + "-img0.png")
+    batch = ds.collate([ds[i] for i in range(3)])
+    assert batch["images"].shape[0] == 6 and batch["image_mask"].shape[0] == 6
+    assert batch["input_ids"].shape[0] == 3
+    assert batch["labels"].tolist() == [int(r["label"] == "True") for r in records[:3]]
+    assert batch["identifier"] == [r["identifier"] for r in records[:3]]
+    dev = data.build_dataset("nlvr2", "dev", world, tok, SMALL)
+    assert dev.collate([dev[0]])["images"].shape[0] == 2
+
+
+def nlvr2_fixture(root, lines):
+    write_lines(str(root / "nlvr2" / "dev.json"), lines)
+    (root / "nlvr2" / "dev").mkdir(exist_ok=True)
+    return root
+
+
+GOOD_NLVR2 = {"identifier": "dev-1-0-0", "sentence": "a cat", "label": "True", "left_url": "", "right_url": "",
+              "synset": "n0", "query": "cat"}
+
+
+def test_nlvr2_bad_input(tmp_path, hand_tok):
+    nlvr2_fixture(tmp_path, [GOOD_NLVR2, dict(GOOD_NLVR2, label="Maybe")])
+    with pytest.raises(data.DataError, match=r"dev.json: line 2: unknown label 'Maybe'.*True"):
+        data.build_dataset("nlvr2", "dev", str(tmp_path), hand_tok, SMALL)
+    nlvr2_fixture(tmp_path, [GOOD_NLVR2, "", '{"identifier": "dev-1-1-0", "sentence": '])
+    with pytest.raises(data.DataError, match=r"dev.json: line 3: malformed JSON"):
+        data.build_dataset("nlvr2", "dev", str(tmp_path), hand_tok, SMALL)
+    nlvr2_fixture(tmp_path, [{k: v for k, v in GOOD_NLVR2.items() if k != "sentence"}])
+    with pytest.raises(data.DataError, match=r"dev.json: line 1: missing key 'sentence'"):
+        data.build_dataset("nlvr2", "dev", str(tmp_path), hand_tok, SMALL)
+
+
+def test_nlvr2_png_that_is_a_jpeg(tmp_path, hand_tok):
+    nlvr2_fixture(tmp_path, [GOOD_NLVR2])
+    Image.new("RGB", (50, 40), (0, 0, 200)).save(tmp_path / "nlvr2" / "dev" / "dev-1-0-img0.png", "JPEG")
+    Image.new("RGB", (40, 50), (0, 200, 0)).save(tmp_path / "nlvr2" / "dev" / "dev-1-0-img1.png", "PNG")
+    ds = data.build_dataset("nlvr2", "dev", str(tmp_path), hand_tok, SMALL)
+    batch = ds.collate([ds[0]])
+    assert batch["images"].shape == (2, 3, 96, 96) and batch["labels"].tolist() == [1]
+
+
+# ---- SNLI-VE ----
+
+def snli_fixture(root, lines):
+    write_lines(str(root / "snli-ve" / "snli_ve_dev.jsonl"), lines)
+    (root / "flickr30k" / "flickr30k-images").mkdir(parents=True, exist_ok=True)
+
+
+SNLI_LINE = {"sentence1": "the mat sat on a dog", "sentence2": "A cat sat.", "gold_label": "entailment",
+             "pairID": "123.jpg#0r1e", "captionID": "123.jpg#0"}
+
+
+def test_snli_ve_both_image_keys_and_no_premise(tmp_path, hand_tok):
+    snli_fixture(tmp_path, [dict(SNLI_LINE, Flickr30K_ID="123"),
+                            dict(SNLI_LINE, Flikr30kID="456.jpg", gold_label="contradiction", pairID="456.jpg#0r1c")])
+    write_jpeg(str(tmp_path / "flickr30k" / "flickr30k-images" / "123.jpg"), mode="L", color=90)
+    Image.new("CMYK", (30, 20), (0, 0, 0, 100)).save(tmp_path / "flickr30k" / "flickr30k-images" / "456.jpg")
+    ds = data.build_dataset("snli-ve", "dev", str(tmp_path), hand_tok, SMALL)
+    assert [ds.paths[ds.image_of[i]] for i in range(2)] == [
+        os.path.join(str(tmp_path), "flickr30k", "flickr30k-images", n) for n in ("123.jpg", "456.jpg")]
+    batch = ds.collate([ds[0], ds[1]])
+    assert batch["labels"].tolist() == [0, 2] and batch["pair_id"] == ["123.jpg#0r1e", "456.jpg#0r1c"]
+    assert hand_tok.decode(batch["input_ids"][0]) == "a cat sat."  # the hypothesis only
+    assert not any("mat" in ds.hypotheses[i] for i in range(len(ds)))  # sentence1 is not even stored
+
+
+def test_snli_ve_bad_input(tmp_path, hand_tok):
+    snli_fixture(tmp_path, [dict(SNLI_LINE, Flickr30K_ID="1"), dict(SNLI_LINE, Flickr30K_ID="2", gold_label="-")])
+    with pytest.raises(data.DataError, match=r"snli_ve_dev.jsonl: line 2: unknown gold_label '-'"):
+        data.build_dataset("snli-ve", "dev", str(tmp_path), hand_tok, SMALL)
+    snli_fixture(tmp_path, [SNLI_LINE])
+    with pytest.raises(data.DataError, match=r"line 1: missing key 'Flickr30K_ID'"):
+        data.build_dataset("snli-ve", "dev", str(tmp_path), hand_tok, SMALL)
+
+
+def test_snli_ve_world(world, tok):
+    ds = data.build_dataset("snli-ve", "train", world, tok, SMALL)
+    assert set(ds.labels.tolist()) == {0, 1, 2}
+    batch = ds.collate([ds[i] for i in range(4)])
+    assert batch["images"].shape[0] == 4 and batch["input_ids"].shape[0] == 4
+
+
+# ---- bad input, missing files ----
+
+def test_missing_files_are_named(tmp_path, hand_tok):
+    root = str(tmp_path)
+    with pytest.raises(data.DataError, match=r"nlvr2 dev: missing .*nlvr2.dev\.json"):
+        data.build_dataset("nlvr2", "dev", root, hand_tok, SMALL)
+    with pytest.raises(data.DataError, match=r"vqa train: missing .*v2_OpenEnded_mscoco_train2014_questions\.json.*"
+                                             r"v2_mscoco_val2014_annotations\.json.*coco.train2014"):
+        data.build_dataset("vqa", "train", root, hand_tok, SMALL)
+    with pytest.raises(data.DataError, match=r"dataset_coco\.json.*region_descriptions\.json"):
+        data.build_dataset("pretrain", "train", root, hand_tok, SMALL)
+    with pytest.raises(data.DataError, match=r"dataset_flickr30k\.json"):
+        data.build_dataset("retrieval", "test", root, hand_tok, SMALL, source="flickr30k")
+    with pytest.raises(data.DataError, match=r"snli_ve_test\.jsonl"):
+        data.build_dataset("snli-ve", "test", root, hand_tok, SMALL)
+    with pytest.raises(data.DataError, match="unknown task"):
+        data.build_dataset("captioning", "train", root, hand_tok, SMALL)
+    (tmp_path / "coco").mkdir()
+    (tmp_path / "coco" / "dataset_coco.json").write_text('{"images": [{"split": "train"}]}')
+    with pytest.raises(data.DataError, match=r"dataset_coco\.json: images\[0\]: missing key 'sentences'"):
+        data.build_dataset("retrieval", "train", root, hand_tok, SMALL)
+
+
+def test_skip_bad_images(tmp_path, hand_tok, caplog):
+    snli_fixture(tmp_path, [dict(SNLI_LINE, Flickr30K_ID=str(k), pairID=f"{k}#0r1e") for k in range(4)])
+    images = tmp_path / "flickr30k" / "flickr30k-images"
+    write_jpeg(str(images / "0.jpg"))
+    (images / "1.jpg").write_bytes(b"\xff\xd8 broken")
+    write_jpeg(str(images / "3.jpg"))  # 2.jpg is missing
+    strict = data.build_dataset("snli-ve", "dev", str(tmp_path), hand_tok, SMALL)
+    with pytest.raises(data.DataError, match=r"1\.jpg"):
+        strict[1]
+    lenient = data.build_dataset("snli-ve", "dev", str(tmp_path), hand_tok, SMALL, skip_bad_images=True)
+    with caplog.at_level(logging.WARNING, logger="soho.data"):
+        batch = lenient.collate([lenient[k] for k in range(4)])
+    assert batch["skipped"] == 2 and batch["pair_id"] == ["0#0r1e", "3#0r1e"] and batch["images"].shape[0] == 2
+    assert "1.jpg" in caplog.text and "2.jpg" in caplog.text
+    assert lenient.collate([lenient[1]]) is None  # nothing left of the batch
+
+
+# ---- distribution and workers ----
+
+def test_distributed_sampler_shards(world, tok):
+    ds = data.build_dataset("retrieval", "train", world, tok, SMALL, seed=0)
+    n = len(ds)
+    for replicas in (2, 3, 4):
+        shards = [list(torch.utils.data.DistributedSampler(ds, num_replicas=replicas, rank=r, shuffle=True, seed=1))
+                  for r in range(replicas)]
+        assert all(len(s) == -(-n // replicas) for s in shards)
+        flat = [i for s in shards for i in s]
+        assert set(flat) == set(range(n))  # every example is seen
+        if n % replicas == 0:
+            assert len(flat) == n  # ... exactly once (otherwise the sampler repeats a few to even the shards)
+
+
+def test_dataloader_workers_match_single_process(world, tok):
+    ds = data.build_dataset("pretrain", "train", world, tok, SMALL, seed=0)
+    clone = pickle.loads(pickle.dumps(ds))  # what a spawned worker gets
+    assert clone[5]["input_ids"] == ds[5]["input_ids"] and torch.equal(clone[5]["image"], ds[5]["image"])
+    sampler = torch.utils.data.DistributedSampler(ds, num_replicas=2, rank=1, shuffle=True, seed=0)
+    batches = {}
+    for workers in (0, 2):
+        loader = torch.utils.data.DataLoader(ds, batch_size=4, sampler=sampler, num_workers=workers,
+                                             collate_fn=ds.collate)
+        batches[workers] = list(loader)
+    assert len(batches[0]) == len(batches[2]) == -(-len(sampler) // 4)
+    for a, b in zip(batches[0], batches[2]):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["images"], b["images"])
+        assert torch.equal(a["mlm_labels"], b["mlm_labels"])
+    seen = [image_id for b in batches[2] for image_id in b["image_ids"]]
+    assert sorted(seen) == sorted(ds.keys[i] for i in sampler)
+
+
+def test_measure_data_wait(world, tok):
+    ds = data.build_dataset("pretrain", "train", world, tok, SMALL, seed=0)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=ds.collate)
+    result = data.measure_data_wait(loader, lambda batch: None, num_batches=3, warmup=1)
+    assert result["batches"] == 3 and 0.0 <= result["wait_share"] <= 1.0 and result["wait_s"] > 0
+
+
+def test_cli_check(world, capsys):
+    data.main(["check", "--data", world, "--image-short", "64", "--image-long", "96"])
+    out = capsys.readouterr().out
+    for name in ("pretrain train", "retrieval coco test", "retrieval flickr30k train", "vqa test-dev", "nlvr2 test1",
+                 "snli-ve dev"):
+        assert name in out
+    assert "unavailable" not in out.replace("vqa answer vocabulary", "")
