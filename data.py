@@ -60,6 +60,7 @@ import re
 import shutil
 import sys
 import time
+import types
 
 import numpy as np
 import torch
@@ -582,6 +583,19 @@ class ImageTextDataset(torch.utils.data.Dataset):
         self.skip_bad_images = skip_bad_images
         self.seed, self.epoch = seed, 0
         self.stats = collections.Counter()  # e.g. empty captions skipped while reading the annotations
+        # images skipped so far; in shared memory, so that the skips of DataLoader workers reach this process
+        self._num_skipped = torch.zeros(1, dtype=torch.long).share_memory_()
+
+    @property
+    def num_skipped(self):
+        """Unreadable images skipped so far (skip_bad_images=True), by this process and its DataLoader workers;
+        each one was logged with its path when skipped."""
+        return int(self._num_skipped.item())
+
+    @property
+    def skipped(self):
+        """A sequence as long as num_skipped (for `len(dataset.skipped)`; the paths themselves are in the log)."""
+        return (None,) * self.num_skipped
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -598,7 +612,8 @@ class ImageTextDataset(torch.utils.data.Dataset):
         except DataError as e:
             if not self.skip_bad_images:
                 raise
-            log.warning("skipping example: %s", e)
+            self._num_skipped += 1
+            log.warning("skipping example (%d so far in this data set): %s", self.num_skipped, e)
             return None
 
     def encode(self, text):
@@ -1760,7 +1775,6 @@ def measure_data_wait(loader, step_fn, num_batches=20, warmup=2):
 
 def _check(data_root, vocab, image_short, image_long):
     """Build every task and split whose files exist, print its size, and read its first example."""
-    import types
     config = types.SimpleNamespace(image_short=image_short, image_long=image_long, max_text_len=16)
     vocab = vocab or os.path.join(data_root, "vocab.txt")
     tokenizer = Tokenizer.from_vocab(vocab, 16) if os.path.isfile(vocab) else None
@@ -1792,7 +1806,6 @@ def _check(data_root, vocab, image_short, image_long):
 
 
 def _bench(args):
-    import types
     data_root = args.data or ensure_synthetic_world()
     tokenizer = Tokenizer.from_vocab(args.vocab or os.path.join(data_root, "vocab.txt"), 24)
     config = types.SimpleNamespace(image_short=args.image_short, image_long=args.image_long, max_text_len=24)

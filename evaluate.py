@@ -850,7 +850,7 @@ def report(result):
             return head + " (no annotations: answers file only)"
         m = result["metrics"]
         types = [t for t in data.VQA_ANSWER_TYPES if t in m]
-        return head + "\n" + format_table(["", "overall"] + types, [["accuracy"] + [m["overall"]] + [m[t] for t in types]])
+        return head + "\n" + format_table(["", "overall"] + types, [["accuracy", m["overall"]] + [m[t] for t in types]])
     if task == "nlvr2":
         m = result["metrics"]
         return (f"nlvr2 {result['split']}: {m['examples']} examples in {m['groups']} sentence groups\n"

@@ -97,10 +97,10 @@ PAPER_RECIPES = {
                     warmup_steps=500),
 }
 
-# tiny: the same recipe scaled down so that each task runs in minutes on 2 CPU cores. Epochs are 5-8 (not 18-40)
+# tiny: the same recipe scaled down so that each task runs in minutes on 2 CPU cores. Epochs are 4-6 (not 6-40)
 # and milestones sit at the same fractions; the transformer is trained from scratch, so its AdamW rate is 5e-4.
 TINY_RECIPES = {
-    "pretrain": dict(batch_per_gpu=16, global_batch=16, epochs=8, lr_milestones=(5, 7), freeze_backbone_epochs=1,
+    "pretrain": dict(batch_per_gpu=16, global_batch=16, epochs=5, lr_milestones=(3, 4), freeze_backbone_epochs=1,
                      warmup_steps=50, lr=5e-4),
     "retrieval": dict(batch_per_gpu=12, global_batch=12, epochs=4, lr_milestones=(2, 3), lr_decay=0.5,
                       warmup_steps=20, lr=5e-4),
@@ -603,7 +603,10 @@ def train(cfg, model_overrides, args=None):
             set_learning_rates(optimizers, lr_multiplier(step, steps_per_epoch, cfg))
             for micro in range(accum):
                 t0 = time.time()
-                batch = to_device(next(batches), device)
+                batch = next(batches)
+                while batch is None:  # --skip_bad_images and every image of this batch was unreadable
+                    batch = next(batches)
+                batch = to_device(batch, device)
                 t1 = time.time()
                 # gradients are all-reduced on the last micro-step only
                 sync = micro == accum - 1 or not isinstance(ddp_model, DDP)
@@ -649,9 +652,9 @@ def train(cfg, model_overrides, args=None):
                 save()
         if step_in_epoch >= steps_per_epoch:
             epoch, step_in_epoch = epoch + 1, 0
-            skipped_images = getattr(dataset, "skipped", None)
+            skipped_images = getattr(dataset, "num_skipped", 0)
             if master_process and skipped_images:
-                print(f"epoch {epoch}: skipped {len(skipped_images)} unreadable image(s) so far (see the log above)")
+                print(f"epoch {epoch}: skipped {skipped_images} unreadable image(s) so far (see the log above)")
             save()
     bar.close()
     if saved_step != step:  # the end fell between checkpoints: save where we stopped

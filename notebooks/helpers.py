@@ -171,3 +171,8 @@ def cells(img, grid, cell=64):
 
 def ceil_div(a, b):
     return math.ceil(a / b)
+
+
+def unnormalize(image):
+    """A normalised [3, H, W] image tensor back to an [H, W, 3] array in [0, 1] for imshow (padding is black)."""
+    return (image * data.IMAGENET_STD + data.IMAGENET_MEAN).clamp(0, 1).permute(1, 2, 0).numpy()

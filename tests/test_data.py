@@ -568,6 +568,11 @@ def test_skip_bad_images(tmp_path, hand_tok, caplog):
     assert batch["skipped"] == 2 and batch["pair_id"] == ["0#0r1e", "3#0r1e"] and batch["images"].shape[0] == 2
     assert "1.jpg" in caplog.text and "2.jpg" in caplog.text
     assert lenient.collate([lenient[1]]) is None  # nothing left of the batch
+    assert lenient.num_skipped == 3 and len(lenient.skipped) == 3
+    # the count of skips in DataLoader workers reaches the main process
+    fresh = data.build_dataset("snli-ve", "dev", str(tmp_path), hand_tok, SMALL, skip_bad_images=True)
+    loader = torch.utils.data.DataLoader(fresh, batch_size=2, num_workers=2, collate_fn=fresh.collate)
+    assert sum(batch["skipped"] for batch in loader) == 2 and fresh.num_skipped == 2
 
 
 # ---- distribution and workers ----
