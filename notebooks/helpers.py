@@ -58,7 +58,7 @@ def world():
 def train_once(name, argv):
     """train.main(argv + ["--out", <cache>/name]) unless that run exists already; returns its checkpoint path.
 
-    The run is written to a temporary folder and renamed when it is complete. The progress bar is not shown.
+    The run is written to a temporary folder and renamed when it is complete.
     """
     out = os.path.join(cache_dir(), name)
     ckpt = os.path.join(out, "ckpt.pt")
@@ -68,8 +68,9 @@ def train_once(name, argv):
     print("python train.py " + " ".join(argv))
     tmp = f"{out}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    with contextlib.redirect_stderr(io.StringIO()):
-        train.main([*argv, "--out", tmp, "--fresh"])
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        metrics = train.main([*argv, "--out", tmp, "--fresh"])  # progress bar and summary not shown
+    print(f"trained {metrics['step']} steps; last logged: {train.format_metrics(metrics)}")
     try:
         os.rename(tmp, out)
     except OSError:  # another notebook finished the same run first
@@ -144,12 +145,12 @@ def pca_basis(x, q=3):
 
 
 def to_rgb(x, basis, ref=None):
-    """Rows of x [N, c] as colours [N, 3]: their first 3 principal components, scaled to [0, 1] over the rows
-    of `ref` (default: x itself)."""
+    """Rows of x [N, c] as colours [N, 3]: their first 3 principal components, scaled to [0, 1] between the
+    2nd and 98th percentiles of the rows of `ref` (default: x itself)."""
     mean, comps = basis
     project = lambda t: (t.detach().double() - mean) @ comps
     y, r = project(x), project(x if ref is None else ref)
-    lo, hi = r.min(0).values, r.max(0).values
+    lo, hi = r.quantile(0.02, dim=0), r.quantile(0.98, dim=0)
     return ((y - lo) / (hi - lo).clamp(min=1e-9)).clamp(0, 1).numpy()
 
 

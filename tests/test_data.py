@@ -622,3 +622,16 @@ def test_cli_check(world, capsys):
                  "snli-ve dev"):
         assert name in out
     assert "unavailable" not in out.replace("vqa answer vocabulary", "")
+
+
+def test_tokenizer_matches_hugging_face_bert_tokenizer(hand_tok, tmp_path):
+    """The optional oracle: transformers' reference BertTokenizer on the same vocab.txt (skipped without it)."""
+    transformers = pytest.importorskip("transformers")
+    path = tmp_path / "vocab.txt"
+    path.write_text("\n".join(HAND_VOCAB) + "\n")
+    reference = transformers.BertTokenizer(str(path), do_lower_case=True)
+    sentences = ["A red circle left of a small BLUE square.", "the circles, the squares!", "unknownword zz",
+                 "Café naïve résumé", "two  spaces\tand tab", ""]
+    for s in sentences:
+        expected = reference(s, truncation=True, max_length=16)["input_ids"]
+        assert hand_tok.encode(s) == expected, s
