@@ -622,6 +622,13 @@ class ImageTextDataset(torch.utils.data.Dataset):
     def text_batch(self, rows):
         return pad_token_rows(rows, self.tokenizer.pad_id)
 
+    def image_text_batch(self, images, examples, skipped, **fields):
+        """The common part of a batch: padded images with their mask, and one text per example."""
+        images, image_mask = pad_images(images)
+        input_ids, text_mask = self.text_batch([e["input_ids"] for e in examples])
+        return {"images": images, "image_mask": image_mask, "input_ids": input_ids, "text_mask": text_mask,
+                **fields, "skipped": skipped}
+
 
 def _kept(examples):
     """Drop the examples whose image could not be read; the batch reports how many in batch["skipped"]."""
@@ -745,11 +752,8 @@ class RetrievalTrainDataset(ImageTextDataset):
         examples, skipped = _kept(examples)
         if not examples:
             return None
-        images, image_mask = pad_images([e["image"] for e in examples])
-        input_ids, text_mask = self.text_batch([e["input_ids"] for e in examples])
-        return {"images": images, "image_mask": image_mask, "input_ids": input_ids, "text_mask": text_mask,
-                "image_ids": [e["image_id"] for e in examples], "texts": [e["text"] for e in examples],
-                "skipped": skipped}
+        return self.image_text_batch([e["image"] for e in examples], examples, skipped,
+                                     image_ids=[e["image_id"] for e in examples], texts=[e["text"] for e in examples])
 
 
 class RetrievalTextDataset(ImageTextDataset):
@@ -862,13 +866,11 @@ class VQADataset(ImageTextDataset):
         examples, skipped = _kept(examples)
         if not examples:
             return None
-        images, image_mask = pad_images([e["image"] for e in examples])
-        input_ids, text_mask = self.text_batch([e["input_ids"] for e in examples])
-        return {"images": images, "image_mask": image_mask, "input_ids": input_ids, "text_mask": text_mask,
-                "targets": torch.stack([e["targets"] for e in examples]),
-                "question_id": torch.tensor([e["question_id"] for e in examples]),
-                "answer_type": [e["answer_type"] for e in examples], "answers": [e["answers"] for e in examples],
-                "skipped": skipped}
+        return self.image_text_batch([e["image"] for e in examples], examples, skipped,
+                                     targets=torch.stack([e["targets"] for e in examples]),
+                                     question_id=torch.tensor([e["question_id"] for e in examples]),
+                                     answer_type=[e["answer_type"] for e in examples],
+                                     answers=[e["answers"] for e in examples])
 
 
 class NLVR2Dataset(ImageTextDataset):
@@ -897,11 +899,9 @@ class NLVR2Dataset(ImageTextDataset):
         examples, skipped = _kept(examples)
         if not examples:
             return None
-        images, image_mask = pad_images([x for e in examples for x in e["images"]])
-        input_ids, text_mask = self.text_batch([e["input_ids"] for e in examples])
-        return {"images": images, "image_mask": image_mask, "input_ids": input_ids, "text_mask": text_mask,
-                "labels": torch.tensor([e["label"] for e in examples]),
-                "identifier": [e["identifier"] for e in examples], "skipped": skipped}
+        return self.image_text_batch([x for e in examples for x in e["images"]], examples, skipped,
+                                     labels=torch.tensor([e["label"] for e in examples]),
+                                     identifier=[e["identifier"] for e in examples])
 
 
 class SNLIVEDataset(ImageTextDataset):
@@ -932,11 +932,9 @@ class SNLIVEDataset(ImageTextDataset):
         examples, skipped = _kept(examples)
         if not examples:
             return None
-        images, image_mask = pad_images([e["image"] for e in examples])
-        input_ids, text_mask = self.text_batch([e["input_ids"] for e in examples])
-        return {"images": images, "image_mask": image_mask, "input_ids": input_ids, "text_mask": text_mask,
-                "labels": torch.tensor([e["label"] for e in examples]),
-                "pair_id": [e["pair_id"] for e in examples], "skipped": skipped}
+        return self.image_text_batch([e["image"] for e in examples], examples, skipped,
+                                     labels=torch.tensor([e["label"] for e in examples]),
+                                     pair_id=[e["pair_id"] for e in examples])
 
 
 def build_vqa_answer_vocab(data_root, min_count=9):

@@ -265,12 +265,6 @@ def resolve_checkpoint(task, path):
     return default
 
 
-def load_for_eval(path, device):
-    """(model in eval mode on device, checkpoint dict), via train.load_model (the contract's format)."""
-    model, ckpt = train.load_model(path, device)
-    return model, ckpt
-
-
 def data_root_of(args, ckpt):
     """--data, else the checkpoint's data root, else the synthetic world (written once if missing)."""
     root = args.data or (ckpt or {}).get("data_root") or data.default_data_root()
@@ -282,10 +276,6 @@ def data_root_of(args, ckpt):
 def tokenizer_of(ckpt, cfg, data_root):
     vocab = ckpt.get("vocab_path") or os.path.join(data_root, "vocab.txt")
     return data.Tokenizer.from_vocab(vocab, cfg.max_text_len)
-
-
-def to_device(batch, device):
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def eval_loader(dataset, indices, batch_size, workers, collate=None):
@@ -438,7 +428,7 @@ def predict(model, task, dataset, indices, args, device, amp, rank):
             raise RuntimeError("an image could not be read; evaluation needs every example")
         n = batch["input_ids"].shape[0]
         with train.autocast_context(device, amp):
-            logits = model.task_logits(task, to_device(batch, device))
+            logits = model.task_logits(task, train.to_device(batch, device))
         yield indices[pos:pos + n], batch, logits.float().cpu()
         pos += n
 
@@ -569,7 +559,7 @@ def synthetic_pretrain_batch(cfg, n_images, size, text_len, device, seed=0):
              "text_mask": torch.ones_like(ids, dtype=torch.bool),
              "img_index": torch.arange(n_images).repeat_interleave(4), "itm_label": itm_label,
              "mlm_labels": torch.where(chosen, ids, torch.full_like(ids, soho.IGNORE))}
-    return to_device(batch, device)
+    return train.to_device(batch, device)
 
 
 def measure_speed(model, size, device, amp, repeats, warmup, text_len=16, batch=1, pretrain_images=1,
@@ -670,7 +660,7 @@ def evaluate_speed(args, device, amp):
     ckpt_path = None
     if args.checkpoint:
         ckpt_path = resolve_checkpoint("speed", args.checkpoint)
-        model, ckpt = load_for_eval(ckpt_path, device)
+        model, ckpt = train.load_model(ckpt_path, device)
         preset = ckpt.get("train_config", {}).get("preset", "checkpoint")
     else:
         preset = args.preset or "tiny"
@@ -967,7 +957,7 @@ def main(argv=None):
             return result
 
         ckpt_path = resolve_checkpoint(args.task, args.checkpoint)
-        model, ckpt = load_for_eval(ckpt_path, device)
+        model, ckpt = train.load_model(ckpt_path, device)
         trained_for = ckpt.get("task")
         # zero-shot retrieval with a pre-trained ITM head is fine, and every checkpoint carries the VD
         if rank == 0 and args.task != "vd" and trained_for not in (args.task, None) and \
