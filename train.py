@@ -582,6 +582,8 @@ def train(cfg, model_overrides, args=None):
     vd_health = VDHealth(model_cfg.vd_size) if model_cfg.use_vd and task == "pretrain" else None
     window = defaultdict(lambda: torch.zeros(2, dtype=torch.float64))  # name -> [sum, count] since the last log
     last_metrics, log_path = {}, os.path.join(cfg.out, "log.jsonl")
+    if master_process and not ckpt and os.path.isfile(log_path):
+        os.remove(log_path)  # a fresh run starts a fresh log; a resumed one appends to its own
     wait_time = compute_time = 0.0
     bar = tqdm(total=total_steps, initial=step, disable=not master_process, dynamic_ncols=True, desc=task)
     started = time.time()
