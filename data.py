@@ -648,7 +648,8 @@ class PretrainDataset(ImageTextDataset):
     """One item per image; it carries 4 texts (Sec. 4.1, A.2): 2 matched captions of the image and 2 captions of
     other images, one "hard" (the one sharing most content words with a matched caption among `hard_pool`
     random other images) and one random. A caption of another picture of the same photograph (a VG image that is
-    a COCO image) is never used as a mismatch. MLM masking on the matched texts only.
+    a COCO image) is never used as a mismatch. All four texts get BERT masking; only the matched ones carry MLM
+    labels (a [MASK] must not give the match away to ITM).
 
     images: list of (path, [captions], picture key); equal keys mean the same photograph.
     """
@@ -696,12 +697,14 @@ class PretrainDataset(ImageTextDataset):
             return None
         texts = matched + [hard_text, random_text]
         ids = [self.encode(t) for t in texts]
-        matched_ids, matched_mask = self.text_batch(ids[:2])
+        # All four texts are masked, but only the matched ones are predicted (Sec. 4.1). Were the mismatched texts
+        # left unmasked, a [MASK] in the input would tell the ITM head "matched" without looking at the image.
+        all_ids, all_mask = self.text_batch(ids)
         generator = torch.Generator().manual_seed(rng.getrandbits(62))
-        masked, labels = mask_tokens(matched_ids, matched_mask, self.tokenizer, self.mlm_prob, generator)
+        masked, labels = mask_tokens(all_ids, all_mask, self.tokenizer, self.mlm_prob, generator)
         return {
             "image": image, "image_id": self.keys[i], "texts": texts, "text_source": [i, i, hard_source, random_source],
-            "input_ids": [masked[k, :len(ids[k])].tolist() for k in range(2)] + ids[2:],
+            "input_ids": [masked[k, :len(ids[k])].tolist() for k in range(4)],
             "mlm_labels": [labels[k, :len(ids[k])].tolist() for k in range(2)] + [[-100] * len(r) for r in ids[2:]],
         }
 

@@ -646,8 +646,10 @@ class SOHO(nn.Module):
         """MLM (Eq. 6), MVM (Eq. 7) and ITM (Eq. 8) on a pre-training batch (see data.py).
 
         The CNN and the VD run once per image; each image's tokens are shared by its 4 texts via img_index.
-        MLM and MVM apply to the matched pairs only (Sec. 4.1). In training mode the batch's VD statistics are
-        accumulated for the next Eq. 4 update. Returns {"mlm", "mvm", "itm"}: LossTerm, and "vd_indices".
+        MLM and MVM losses are taken on the matched pairs only (Sec. 4.1); the inputs of all pairs are masked
+        alike, so that ITM cannot tell a matched pair by its [MASK] tokens. In training mode the batch's VD
+        statistics are accumulated for the next Eq. 4 update. Returns {"mlm", "mvm", "itm"}: LossTerm, and
+        "vd_indices" [N valid tokens], "mvm_mask" [4B, l] (None without the VD).
         """
         cfg = self.config
         V, valid, grid = self.encode(batch["images"], batch["image_mask"])  # [B, l, c], [B, l]
@@ -659,9 +661,12 @@ class SOHO(nn.Module):
                 self.visual_dictionary.accumulate(V[valid], h[valid])  # for Eq. 4; padding is not counted
             tokens = straight_through(V, d)  # Eq. 5
             h_text = h[img_index]  # [4B, l]
-            mvm_mask = mask_by_index(h_text, valid[img_index] & matched[:, None], cfg.mvm_prob, generator)
+            # Masking hits every pair, so that a visual [MASK] does not reveal which pairs are matched to ITM;
+            # the MVM loss is taken on the matched pairs only (Sec. 4.1).
+            mvm_mask = mask_by_index(h_text, valid[img_index], cfg.mvm_prob, generator)  # [4B, l]
+            mvm_targets = mvm_mask & matched[:, None]
         else:
-            tokens, h, h_text, mvm_mask = V, None, None, None
+            tokens, h, h_text, mvm_mask, mvm_targets = V, None, None, None, None
         visual = self.embed_visual(tokens[img_index], grid, mvm_mask)  # [4B, l, c]
         hidden = self.fuse(batch["input_ids"], batch["text_mask"], visual, valid[img_index])  # [4B, T + l, H]
         T = batch["input_ids"].shape[1]
@@ -675,15 +680,16 @@ class SOHO(nn.Module):
 
         # Eq. 7, MVM: predict the VD index of each masked visual token
         if cfg.use_vd:
-            logits = self.mvm_classifier(self.mvm_transform(hidden[:, T:][mvm_mask]))
-            mvm = _loss_term(logits, h_text[mvm_mask])
+            logits = self.mvm_classifier(self.mvm_transform(hidden[:, T:][mvm_targets]))
+            mvm = _loss_term(logits, h_text[mvm_targets])
         else:
             zero = hidden.sum() * 0.0
             mvm = LossTerm(zero, zero.detach(), zero.detach())
 
         # Eq. 8, ITM: is the text the image's caption?  A binary classifier on the pooled [CLS]
         itm = _loss_term(self.itm_head(self.transformer.pool(hidden)), itm_label)
-        return {"mlm": mlm, "mvm": mvm, "itm": itm, "vd_indices": None if h is None else h[valid]}
+        return {"mlm": mlm, "mvm": mvm, "itm": itm, "vd_indices": None if h is None else h[valid],
+                "mvm_mask": mvm_mask}
 
     # --- downstream tasks (Sec. 4.2) --------------------------------------------------------------------------
 

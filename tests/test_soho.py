@@ -268,6 +268,9 @@ def test_mlm_and_mvm_only_on_matched_pairs():
     out = model.pretrain_losses(batch, torch.Generator().manual_seed(0))
     # one matched sample with prob 1: one index drawn among its 20 tokens, all its tokens masked
     assert 1 <= out["mvm"].count <= 20 and out["mlm"].count == 1
+    assert out["mvm"].count == out["mvm_mask"][0].sum()
+    # the inputs of mismatched pairs are masked too, so that [MASK] tells ITM nothing
+    assert out["mvm_mask"][1:].any(dim=1).all()
 
 
 def test_without_vd_trains_without_mvm():
