@@ -74,5 +74,8 @@ def test_notebook_agrees_with_its_generator(path):
 
 @pytest.mark.parametrize("path", PATHS, ids=ids)
 def test_notebook_runs_from_a_clean_kernel(path, notebook_cache):
-    """Executes every cell in a fresh kernel; a failing claim (assert) or any error fails the test."""
-    build_notebooks.execute(path, timeout=300)
+    """Executes every cell in a fresh kernel; a failing claim (assert) or any error fails the test (execute
+    raises CellExecutionError), and the closing cell must report that its claims held."""
+    nb = build_notebooks.execute(path, timeout=300)
+    last = [c for c in nb.cells if c.cell_type == "code"][-1]
+    assert "all claims hold" in "".join(o.get("text", "") for o in last.outputs)
