@@ -139,8 +139,9 @@ def _convert(name, text, typ, current):
             return float(text)
         return text
     except ValueError:
-        kind = type(current).__name__
-        raise SystemExit(f"--{name}={text}: expected a {kind} (the field's default is {current!r})") from None
+        kind = {"bool": "true or false", "int": "an integer", "float": "a number",
+                "tuple": "comma-separated numbers"}.get(type(current).__name__, type(current).__name__)
+        raise SystemExit(f"--{name}={text}: expected {kind} (the field's default is {current!r})") from None
 
 
 def parse_args(argv=None):

@@ -39,7 +39,7 @@ def test_overrides_are_type_checked_and_unknown_keys_rejected():
     assert model_overrides == {"vd_size": 64, "gradient_checkpointing": True}
     with pytest.raises(SystemExit):
         train.parse_args(["--vd_sise=64"])
-    with pytest.raises(SystemExit, match="expected a int"):
+    with pytest.raises(SystemExit, match="expected an integer"):
         train.parse_args(["--epochs=three"])
 
 
