@@ -92,6 +92,7 @@ def main():
     p.add_argument("--seeds", default="0", help="comma-separated fine-tuning seeds")
     p.add_argument("--pretrainings", default=",".join(PRETRAININGS), help="which of " + ",".join(PRETRAININGS))
     p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--pretrain-args", default="", help='extra train.py flags for pre-training, e.g. "--epochs=10"')
     p.add_argument("--report", action="store_true", help="print the tables of what <out>/results.jsonl holds")
     args = p.parse_args()
     if args.report:
@@ -100,7 +101,7 @@ def main():
     results = os.path.join(args.out, "results.jsonl")
     done = done_keys(results)
     seeds = [int(s) for s in args.seeds.split(",")]
-    inits = ["scratch"] + args.pretrainings.split(",")
+    inits = ["scratch"] + [i for i in args.pretrainings.split(",") if i]
     for init in inits:
         ckpt = None
         if init != "scratch":
@@ -108,7 +109,8 @@ def main():
             ckpt = os.path.join(run, "ckpt.pt")
             if f"pretrain/{init}" not in done:
                 t0 = time.time()
-                m = train.main(["--out", run, *PRETRAININGS[init]])  # the tiny default recipe, as `python train.py`
+                # the tiny default recipe, as `python train.py`, unless --pretrain-args says otherwise
+                m = train.main(["--out", run, *PRETRAININGS[init], *args.pretrain_args.split()])
                 record(results, f"pretrain/{init}", minutes=(time.time() - t0) / 60, final=m)
         for task in args.tasks.split(","):
             ft_flags, eval_flags, pick = TASKS[task]
