@@ -1441,7 +1441,7 @@ def _say(fact, rng):
         return rng.choice((f"There is {noun}.", f"The picture contains {noun}.", f"{noun.capitalize()} can be seen."))
     if kind == "count":
         n = fact[1]
-        return f"There is exactly one shape." if n == 1 else f"The picture shows {NUMBER_WORDS[n]} shapes."
+        return "There is exactly one shape." if n == 1 else f"The picture shows {NUMBER_WORDS[n]} shapes."
     if kind == "all_color":
         return f"All the shapes are {fact[1]}."
     _, c1, s1, rel, c2, s2 = fact

@@ -737,7 +737,7 @@ class SOHO(nn.Module):
         model = cls(cfg)
         if bert_state is not None:
             load_exactly(model, bert_state, f"BERT weights in {bert}")
-            print(f"loaded BERT from {bert}: transformer layers {taken} of {read_bert_config(bert)['num_layers']}")
+            print(f"loaded BERT from {bert}: transformer layers {taken} of {bert_cfg['num_layers']}")
         if resnet is not None:
             load_resnet_weights(model.backbone, resnet)
         return model

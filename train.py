@@ -16,13 +16,11 @@ import contextlib
 import dataclasses
 import inspect
 import json
-import math
 import os
 import random
-import sys
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -256,17 +254,30 @@ def pretraining_loss(out, world_size):
     each rank scales its sum by world_size / (global count): the result is the gradient of the global mean, the
     same as one process on the whole batch. Returns (loss, stats for logging: global sums and counts).
     """
-    means, stats = {}, {}
-    for name in ("mlm", "mvm", "itm"):
-        term = out[name]
-        totals = all_reduce_sum(torch.stack([term.sum.detach().float(), term.count.float(), term.correct.float()]))
-        means[name] = term.sum * world_size / totals[1].clamp(min=1)
-        stats[name] = totals
-    return soho.pretraining_objective(means["mlm"], means["mvm"], means["itm"]), stats
+    names = ("mlm", "mvm", "itm")
+    local = torch.stack([torch.stack([out[n].sum.detach().float(), out[n].count.float(), out[n].correct.float()])
+                         for n in names])  # [3, 3]: sum, count, correct of each term
+    totals = all_reduce_sum(local)  # one collective for the three terms
+    means = [out[n].sum * world_size / totals[i, 1].clamp(min=1) for i, n in enumerate(names)]
+    totals = totals.cpu()  # one device-to-host copy per micro-step, for logging
+    stats = {}
+    for i, n in enumerate(names):
+        stats[n], stats[n + "_acc"] = totals[i, :2], totals[i, [2, 1]]
+    return soho.pretraining_objective(*means), stats
+
+
+def reduce_stats(local):
+    """{name: (sum, count)} of this rank -> {name: [sum, count]} summed over all ranks, on the CPU; one collective
+    and one device-to-host copy for all of them."""
+    device = local["loss"][0].device
+    packed = torch.stack([torch.stack([torch.as_tensor(v, device=device).float() for v in pair])
+                          for pair in local.values()])  # [n, 2]
+    totals = all_reduce_sum(packed).cpu()
+    return dict(zip(local, totals))
 
 
 def downstream_loss(task, logits, batch):
-    """The fine-tuning losses of Sec. 4.2. Returns (loss, {name: [sum, count]} for accuracy logging)."""
+    """The fine-tuning losses of Sec. 4.2. Returns (loss, {name: (sum, count)} of this rank, for logging)."""
     if task == "retrieval":
         # Sec. 4.2.1: image i with caption i is aligned, with the other t - 1 captions unaligned: binary labels
         t = logits.shape[0]
@@ -274,16 +285,17 @@ def downstream_loss(task, logits, batch):
         flat = logits.reshape(t * t, 2).float()
         loss = F.cross_entropy(flat, labels)
         top1 = (logits[..., 1] - logits[..., 0]).argmax(1) == torch.arange(t, device=logits.device)
-        return loss, {"pair_acc": [(flat.argmax(1) == labels).sum(), t * t], "batch_r1": [top1.sum(), t]}
+        return loss, {"loss": (loss.detach(), 1), "pair_acc": ((flat.argmax(1) == labels).sum(), t * t),
+                      "batch_r1": (top1.sum(), t)}
     if task == "vqa":
         # BCE with soft scores, times the number of answers (formats.md), i.e. summed over answers
         targets = batch["targets"]
         loss = F.binary_cross_entropy_with_logits(logits.float(), targets) * targets.shape[1]
         score = targets.gather(1, logits.argmax(1, keepdim=True)).sum()  # the VQA score of the top answer
-        return loss, {"vqa_score": [score, targets.shape[0]]}
+        return loss, {"loss": (loss.detach(), 1), "vqa_score": (score, targets.shape[0])}
     labels = batch["labels"]
     loss = F.cross_entropy(logits.float(), labels)
-    return loss, {"acc": [(logits.argmax(1) == labels).sum(), labels.numel()]}
+    return loss, {"loss": (loss.detach(), 1), "acc": ((logits.argmax(1) == labels).sum(), labels.numel())}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -367,10 +379,10 @@ def load_model(path, device="cpu"):
     return model.to(device).eval(), ckpt
 
 
-def init_from_pretrained(model, path, task):
-    """Fine-tuning starts from a pre-trained checkpoint: every weight is taken except the task's own head when
-    its shape differs (e.g. VQA's answer count). Anything else that does not fit is an error."""
-    state = load_checkpoint(path)["model"]
+def init_from_pretrained(model, state, path, task):
+    """Fine-tuning starts from a pre-trained checkpoint's weights `state` (read from `path`): every weight is
+    taken except the task's own head (e.g. VQA's answer count differs). Anything else that does not fit is an
+    error."""
     own = model.state_dict()
     head_prefix = {"vqa": "vqa_head.", "nlvr2": "nlvr2_head.", "snli-ve": "snli_ve_head."}.get(task, "~")
     skipped = [k for k in state if k.startswith(head_prefix)]
@@ -479,10 +491,11 @@ def train(cfg, model_overrides, args=None):
         if dist.is_initialized():
             dist.barrier()  # the other ranks wait until rank 0 has written the world
     vocab_path = os.path.join(cfg.bert, "vocab.txt") if cfg.bert else os.path.join(data_root, "vocab.txt")
+    init_ckpt = load_checkpoint(cfg.init) if cfg.init and not ckpt else None  # read once, used three times
     if ckpt:
         vocab_path = ckpt["vocab_path"]
-    elif cfg.init:
-        vocab_path = load_checkpoint(cfg.init)["vocab_path"]
+    elif init_ckpt:
+        vocab_path = init_ckpt["vocab_path"]
     if not os.path.isfile(vocab_path):
         raise SystemExit(f"no vocabulary at {vocab_path}: pass --bert DIR (a BERT directory with vocab.txt)")
 
@@ -490,8 +503,8 @@ def train(cfg, model_overrides, args=None):
     torch.manual_seed(cfg.seed)  # the same initial weights and VD on every rank
     if ckpt:
         model_cfg = SOHOConfig(**ckpt["model_config"])
-    elif cfg.init:
-        model_cfg = dataclasses.replace(SOHOConfig(**load_checkpoint(cfg.init)["model_config"]), **model_overrides)
+    elif init_ckpt:
+        model_cfg = dataclasses.replace(SOHOConfig(**init_ckpt["model_config"]), **model_overrides)
     else:
         model_cfg = soho.config_from_preset(cfg.preset, **model_overrides)
     tokenizer = data.Tokenizer.from_vocab(vocab_path, model_cfg.max_text_len)
@@ -510,8 +523,9 @@ def train(cfg, model_overrides, args=None):
         model = SOHO(model_cfg)
         if cfg.resnet and not ckpt and not cfg.init:
             soho.load_resnet_weights(model.backbone, cfg.resnet)
-    if cfg.init and not ckpt:
-        skipped = init_from_pretrained(model, cfg.init, task)
+    if init_ckpt:
+        skipped = init_from_pretrained(model, init_ckpt["model"], cfg.init, task)
+        del init_ckpt
         if master_process:
             print(f"initialised from {cfg.init}" + (f" (new {task} head)" if skipped else ""))
     model.to(device)
@@ -619,14 +633,11 @@ def train(cfg, model_overrides, args=None):
                         loss, stats = pretraining_loss(out, world_size)
                     else:
                         loss, stats = downstream_loss(task, out, batch)
-                        stats = {k: all_reduce_sum(torch.tensor([float(s), float(c)])) for k, (s, c) in stats.items()}
-                        stats["loss"] = all_reduce_sum(torch.tensor([loss.item(), 1.0]))
-                    check_finite(loss, stats, step, task)
+                        stats = reduce_stats(stats)
+                    check_finite(stats, step, task)
                     scaler.scale(loss / accum).backward()  # the mean over micro-steps
                 for name, s in stats.items():
-                    window[name] += s[:2].double().cpu()
-                    if task == "pretrain":
-                        window[name + "_acc"] += torch.stack([s[2], s[1]]).double().cpu()
+                    window[name] += s.double()
                 wait_time += t1 - t0
                 compute_time += time.time() - t1
             for opt in optimizers:
@@ -679,10 +690,12 @@ def build_train_dataset(cfg, data_root, tokenizer, model_cfg):
     return data.build_dataset(cfg.task, "train", data_root, tokenizer, model_cfg, **opts)
 
 
-def check_finite(loss, stats, step, task):
-    """Stop on a non-finite loss, naming the step and the terms; the last checkpoint on disk stays as it was."""
-    bad = torch.tensor(0.0 if torch.isfinite(loss).item() else 1.0)
-    if all_reduce_sum(bad).item() > 0:
+def check_finite(stats, step, task):
+    """Stop on a non-finite loss, naming the step and the terms; the last checkpoint on disk stays as it was.
+
+    `stats` are already summed over the ranks and hold every loss term, so a NaN on any rank shows on all of
+    them: every rank stops at the same step, with no collective of its own."""
+    if not all(torch.isfinite(v).all() for v in stats.values()):
         terms = ", ".join(f"{k}={(v[0] / max(float(v[1]), 1)):.4g}" for k, v in stats.items())
         raise FloatingPointError(f"non-finite {task} loss at step {step + 1} ({terms}); stopping. The last "
                                  f"checkpoint is untouched: lower the learning rate or try --amp=off")

@@ -690,9 +690,10 @@ for y, s in enumerate(shares.values()):
     ax.text(s + 0.02, y, f"{s:.0%}", va="center")
 '''),
     md('''
-Inside pre-training. `pretrain_losses` draws the MVM mask with `mask_by_index` on the matched pairs only, with
-`prob = mvm_prob`; passing the same generator reproduces its mask. The MVM term is a $k$-way classification of
-each masked token's index.
+Inside pre-training. `pretrain_losses` draws the MVM mask with `mask_by_index` over all pairs, with
+`prob = mvm_prob` (passing the same generator reproduces it), and takes the loss on the matched pairs only:
+were only matched pairs masked, a visual [MASK] would tell ITM which pairs match. The MVM term is a $k$-way
+classification of each masked token's index.
 '''),
     code('''
 dataset = data.build_dataset("pretrain", "train", ckpt["data_root"], helpers.tokenizer(ckpt), model.config, seed=0)
@@ -702,11 +703,11 @@ with torch.no_grad():
     Vb, valid_b, _ = model.encode(batch["images"], batch["image_mask"])
     hb, _ = model.visual_dictionary.lookup(Vb)
 matched = batch["itm_label"] == 1
-same_mask = soho.mask_by_index(hb[batch["img_index"]], valid_b[batch["img_index"]] & matched[:, None],
-                               model.config.mvm_prob, generator=torch.Generator().manual_seed(5))
+same_mask = soho.mask_by_index(hb[batch["img_index"]], valid_b[batch["img_index"]], model.config.mvm_prob,
+                               generator=torch.Generator().manual_seed(5))
 mvm = out["mvm"]
-print(f"MVM: {int(mvm.count)} masked tokens in {int(same_mask.any(1).sum())} of {int(matched.sum())} matched "
-      f"texts; L_MVM = {mvm.mean:.3f} (ln k = {math.log(model.config.vd_size):.3f}), "
+print(f"MVM: {int(mvm.count)} masked tokens in {int((same_mask & matched[:, None]).any(1).sum())} of "
+      f"{int(matched.sum())} matched texts (masked inputs in {int(same_mask.any(1).sum())} of {len(matched)}); L_MVM = {mvm.mean:.3f} (ln k = {math.log(model.config.vd_size):.3f}), "
       f"accuracy {mvm.correct / mvm.count.clamp(min=1):.1%}")
 '''),
     md('## What this notebook claims'),
@@ -724,9 +725,9 @@ g = torch.Generator().manual_seed(2)
 assert not soho.mask_by_index(hh, vv, 0.0, generator=g).any()
 rate = soho.mask_by_index(h.repeat(500, 1), valid.repeat(500, 1), 0.3, generator=g).any(1).float().mean()
 assert abs(rate - 0.3) < 0.03, rate
-# pretrain_losses masks with mask_by_index on the matched pairs and predicts one label per masked token
-assert torch.equal(mvm.count, same_mask.sum().float())
-assert not same_mask[~matched].any()
+# pretrain_losses masks all pairs with mask_by_index and predicts the tokens masked in matched pairs only
+assert torch.equal(out["mvm_mask"], same_mask)
+assert torch.equal(mvm.count, (same_mask & matched[:, None]).sum().float())
 print("all claims hold")
 '''),
 ]
