@@ -577,8 +577,9 @@ class ImageTextDataset(torch.utils.data.Dataset):
     """What all datasets share: image loading (with optional skipping of bad files), tokenization, randomness."""
 
     def __init__(self, tokenizer, image_short=600, image_long=1000, max_text_len=16, skip_bad_images=False,
-                 seed=None):
+                 seed=None, text_only=False):
         self.tokenizer = tokenizer
+        self.text_only = text_only  # the control: one constant image instead of every image
         self.image_short, self.image_long, self.max_text_len = image_short, image_long, max_text_len
         self.skip_bad_images = skip_bad_images
         self.seed, self.epoch = seed, 0
@@ -606,7 +607,12 @@ class ImageTextDataset(torch.utils.data.Dataset):
         return random.Random(f"{self.seed}/{self.epoch}/{index}")  # str seeds are hashed with SHA-512: stable
 
     def image(self, path):
-        """[3, h, w] float tensor, or None (after logging) for an unreadable file when skip_bad_images is set."""
+        """[3, h, w] float tensor, or None (after logging) for an unreadable file when skip_bad_images is set.
+
+        With text_only every image is the same mid-gray square (zero after normalisation), of one size, so that
+        neither its pixels nor its shape can tell one example from another: a model trained so sees only text."""
+        if self.text_only:
+            return torch.zeros(3, self.image_short, self.image_short)
         try:
             return image_to_tensor(resize_image(load_image(path), self.image_short, self.image_long))
         except DataError as e:
@@ -646,21 +652,29 @@ def content_words(text):
 
 class PretrainDataset(ImageTextDataset):
     """One item per image; it carries 4 texts (Sec. 4.1, A.2): 2 matched captions of the image and 2 captions of
-    other images, one "hard" (the one sharing most content words with a matched caption among `hard_pool`
-    random other images) and one random. A caption of another picture of the same photograph (a VG image that is
-    a COCO image) is never used as a mismatch. All four texts get BERT masking; only the matched ones carry MLM
-    labels (a [MASK] must not give the match away to ITM).
+    other images. A caption of another picture of the same photograph (a VG image that is a COCO image) is never
+    used as a mismatch. All four texts get BERT masking; only the matched ones carry MLM labels (a [MASK] must not
+    give the match away to ITM).
+
+    negatives="random" (the default, and the paper's): both mismatched captions are captions of random other
+    images, so a mismatched text is distributed exactly like a matched one and only the image can tell them
+    apart. negatives="hard" (beyond the paper): the third text is instead the caption sharing most content words
+    with a matched caption among `hard_pool` random others. Measured on the synthetic world, such captions are
+    longer and wordier than a typical caption: a model that never sees the image catches 75% of them, so they
+    teach ITM to read the text, and they are off by default (README, "Does the model look at the image?").
 
     images: list of (path, [captions], picture key); equal keys mean the same photograph.
     """
 
-    def __init__(self, images, tokenizer, hard_negatives=True, hard_pool=16, mlm_prob=0.15, **kwargs):
+    def __init__(self, images, tokenizer, negatives="random", hard_pool=16, mlm_prob=0.15, **kwargs):
         super().__init__(tokenizer, **kwargs)
+        if negatives not in ("random", "hard"):
+            raise ValueError(f"negatives must be 'random' or 'hard', got {negatives!r}")
         self.paths = StringTable(p for p, _, _ in images)
         self.captions = StringTable(c for _, caps, _ in images for c in caps)
         self.caption_start = np.cumsum([0] + [len(caps) for _, caps, _ in images], dtype=np.int64)
         self.keys = StringTable(str(k) for _, _, k in images)
-        self.hard_negatives, self.hard_pool, self.mlm_prob = hard_negatives, hard_pool, mlm_prob
+        self.negatives, self.hard_pool, self.mlm_prob = negatives, hard_pool, mlm_prob
 
     def __len__(self):
         return len(self.paths)
@@ -684,7 +698,7 @@ class PretrainDataset(ImageTextDataset):
         matched = rng.sample(own, 2) if len(own) >= 2 else [own[0], own[0]]
         random_source, random_text = self._other_caption(i, own, rng)
         hard_source, hard_text = self._other_caption(i, own, rng)
-        if self.hard_negatives:
+        if self.negatives == "hard":
             words = content_words(matched[0])
             best = len(words & content_words(hard_text))
             for _ in range(self.hard_pool - 1):
@@ -710,7 +724,7 @@ class PretrainDataset(ImageTextDataset):
 
     def collate(self, examples):
         """The pre-training batch of the contract; rows 4i..4i+3 are the texts of image i: matched, matched,
-        hard mismatch, random mismatch."""
+        mismatched (the hard one with negatives="hard"), mismatched (random)."""
         examples, skipped = _kept(examples)
         if not examples:
             return None
@@ -1002,21 +1016,29 @@ def build_dataset(task, split, data_root, tokenizer, config_like, **opts):
     config_like: anything with image_short, image_long and max_text_len (a SOHOConfig).
     opts: seed (None: fresh randomness from torch's generator; an int: the same draws for (seed, epoch, index),
     see set_epoch), skip_bad_images (False), source ("coco" or "flickr30k", retrieval), answer_vocab (a list,
-    VQA; default: built from train2014 + val2014 annotations), min_answer_count (9), hard_negatives (True,
-    pretrain), use_vg (True, pretrain).
+    VQA; default: built from train2014 + val2014 annotations), min_answer_count (9), negatives ("random" or
+    "hard", pretrain), use_vg (True, pretrain), text_only (False: every image replaced by one constant image, the
+    control that cannot see).
     The returned dataset's `.collate` is the DataLoader collate_fn.
     """
     common = {"image_short": config_like.image_short, "image_long": config_like.image_long,
               "max_text_len": config_like.max_text_len, "skip_bad_images": opts.get("skip_bad_images", False),
-              "seed": opts.get("seed")}
+              "seed": opts.get("seed"), "text_only": opts.get("text_only", False)}
     if task not in TASKS:
         raise DataError(f"unknown task {task!r} (expected one of {', '.join(TASKS)})")
     coco_json = os.path.join(data_root, "coco", "dataset_coco.json")
     flickr_json = os.path.join(data_root, "flickr30k", "dataset_flickr30k.json")
 
+    if task == "pretrain" and split in ("val", "test"):
+        # held-out pairs: COCO's Karpathy val / test images, which pre-training never sees (VG copies of them are
+        # dropped from the training set), with mismatched captions drawn from the same held-out images
+        require_files(f"pretrain {split}", [coco_json])
+        images, _ = read_karpathy(coco_json, coco_image_path(os.path.join(data_root, "coco")), (split,))
+        return PretrainDataset([(p, caps, f"coco:{cocoid}") for p, caps, cocoid in images], tokenizer,
+                               negatives=opts.get("negatives", "random"), mlm_prob=0.0, **common)
     if task == "pretrain":
         if split != "train":
-            raise DataError(f"pretrain: unknown split {split!r} (only 'train')")
+            raise DataError(f"pretrain: unknown split {split!r} (expected train, or val / test for held-out ITM)")
         vg_dir = os.path.join(data_root, "vg")
         vg_files = [os.path.join(vg_dir, "region_descriptions.json"), os.path.join(vg_dir, "image_data.json")]
         has_coco = os.path.isfile(coco_json)
@@ -1038,7 +1060,7 @@ def build_dataset(task, split, data_root, tokenizer, config_like, **opts):
                        for p, caps, cid in vg]
             stats["vg_images"] = len(vg)
             stats.update(vg_stats)
-        dataset = PretrainDataset(images, tokenizer, hard_negatives=opts.get("hard_negatives", True), **common)
+        dataset = PretrainDataset(images, tokenizer, negatives=opts.get("negatives", "random"), **common)
         dataset.stats.update(stats)
         return dataset
 
@@ -1102,9 +1124,11 @@ SYNTH_COLORS = {"red": (215, 45, 45), "green": (45, 165, 70), "blue": (45, 85, 2
                 "purple": (140, 65, 175), "orange": (240, 135, 35)}
 SYNTH_SHAPES = ("circle", "square", "triangle", "diamond", "star")
 SYNTH_SIZES = {"small": (18, 26), "big": (38, 52)}  # radius in pixels
-SYNTH_BACKGROUNDS = {"white": (236, 236, 230), "gray": (150, 150, 150), "black": (32, 32, 38)}
+SYNTH_BACKGROUNDS = {"white": (236, 236, 230), "gray": (150, 150, 150), "black": (32, 32, 38), "brown": (120, 85, 55),
+                     "pink": (240, 170, 200), "teal": (40, 130, 130)}
 SYNTH_IMAGE_SIZES = ((256, 256), (288, 256), (320, 256), (256, 288), (256, 320))  # (width, height)
 SYNTH_MANIFEST = "SYNTHETIC_WORLD.json"
+SYNTH_VERSION = 2  # 2: six backgrounds, and every caption names its background
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
@@ -1113,8 +1137,8 @@ Scene = collections.namedtuple("Scene", "width height background bg_rgb things")
 
 
 def default_data_root():
-    """<repo>/data/synthetic: where the training script keeps the synthetic world."""
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "synthetic")
+    """<repo>/data/synthetic-v<version>: where the training script keeps the synthetic world."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", f"synthetic-v{SYNTH_VERSION}")
 
 
 def _jitter(rgb, rng, amount):
@@ -1242,12 +1266,12 @@ def synth_captions(scene, rng, n):
     def listing():
         names = [_a(_noun(t, rng.random() < 0.4)) for t in rng.sample(things, len(things))]
         text = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-        return rng.choice(("", "a picture of ", "an image with ")) + text + rng.choice(("", f" on a {bg} background"))
+        return rng.choice(("", "a picture of ", "an image with ")) + text
 
     def counting():
         n_things = len(things)
         t = rng.choice(things)
-        return rng.choice((f"{NUMBER_WORDS[n_things]} {_plural('shape', n_things)} on a {bg} background",
+        return rng.choice((f"{NUMBER_WORDS[n_things]} {_plural('shape', n_things)}",
                            f"{NUMBER_WORDS[n_things]} {_plural('shape', n_things)} including {_a(_noun(t))}"))
 
     def position():
@@ -1266,10 +1290,16 @@ def synth_captions(scene, rng, n):
         rel = _relation(a, b)
         return None if rel is None else f"the {_noun(a)} {_region_phrase(a, scene)} is {rel} the {_noun(b)}"
 
+    def in_scene(text):
+        # Every caption names the scene, as most COCO captions do ("... in a kitchen"); here the scene is the
+        # background. Put first or last, so that the 24-token cut of a long caption keeps it more often than not.
+        return text and rng.choice((f"{text} on a {bg} background", f"{text} against a {bg} background",
+                                    f"on a {bg} background {text}"))
+
     makers = (relation, relation, listing, counting, position, colours, relation_and_place)
     captions = []
     for _ in range(200):
-        text = rng.choice(makers)()
+        text = in_scene(rng.choice(makers)())
         if text and text not in captions:
             captions.append(text)
         if len(captions) == n:
@@ -1717,7 +1747,7 @@ def write_synthetic_world(root, seed=0, n_images=2000, vocab_size=1000):
     # the WordPiece vocabulary of this world, so no BERT file is needed
     train_wordpiece_vocab(texts + [a for a in _ANSWER_CHOICES for a in _ANSWER_CHOICES[a]],
                           os.path.join(root, "vocab.txt"), vocab_size)
-    manifest = {"seed": seed, "n_images": n_images, "counts": counts, "format_version": 1}
+    manifest = {"seed": seed, "n_images": n_images, "counts": counts, "format_version": SYNTH_VERSION}
     _write_json(os.path.join(root, SYNTH_MANIFEST), manifest)  # written last: marks the world complete
     return manifest
 
@@ -1729,6 +1759,10 @@ def ensure_synthetic_world(root=None, seed=0, **kwargs):
     root = os.path.abspath(root or default_data_root())
     manifest = os.path.join(root, SYNTH_MANIFEST)
     if os.path.isfile(manifest):
+        version = read_json(manifest, "a synthetic world's manifest").get("format_version", 1)
+        if version != SYNTH_VERSION:
+            raise DataError(f"{root} holds a synthetic world of version {version}, this code writes version "
+                            f"{SYNTH_VERSION}: remove the folder, or write a new one elsewhere")
         return root
     if os.path.isdir(root) and os.listdir(root):
         raise DataError(f"{root} is not empty but has no {SYNTH_MANIFEST}: not a synthetic world; remove it")

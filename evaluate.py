@@ -7,6 +7,7 @@ and pictures of the visual dictionary (Sec. 4.4, Fig. 3).
     python evaluate.py --task vqa --split test-dev           # writes the test-server submission file
     python evaluate.py --task nlvr2 --split test1
     python evaluate.py --task snli-ve --split test
+    python evaluate.py --task itm                            # pre-training's ITM on held-out images
     torchrun --nproc_per_node 8 evaluate.py --task retrieval --checkpoint runs/retrieval/ckpt.pt --data DIR
     python evaluate.py --task speed --preset r101 --size 600x1000      # random weights are fine for timing
     python evaluate.py --task vd --checkpoint runs/pretrain/ckpt.pt    # PNGs of the visual dictionary
@@ -47,10 +48,10 @@ import soho
 import train
 from soho import SOHO, vd_embed, vq_lookup
 
-TASKS = ("retrieval", "vqa", "nlvr2", "snli-ve", "speed", "vd")
-DEFAULT_SPLIT = {"retrieval": "test", "vqa": "val", "nlvr2": "dev", "snli-ve": "test", "vd": "val"}
+TASKS = ("retrieval", "vqa", "nlvr2", "snli-ve", "itm", "speed", "vd")
+DEFAULT_SPLIT = {"retrieval": "test", "vqa": "val", "nlvr2": "dev", "snli-ve": "test", "vd": "val", "itm": "val"}
 RUN_OF_TASK = {"retrieval": "retrieval", "vqa": "vqa", "nlvr2": "nlvr2", "snli-ve": "snli-ve", "vd": "pretrain",
-               "speed": "pretrain"}
+               "speed": "pretrain", "itm": "pretrain"}
 SNLI_VE_CLASSES = sorted(data.SNLI_VE_LABELS, key=data.SNLI_VE_LABELS.get)  # index = class id
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -496,6 +497,53 @@ def evaluate_classification(model, ckpt, args, device, amp, rank, world_size):
     return result
 
 
+@torch.no_grad()
+def itm_accuracy(model, dataset, device, amp, batch_size=16, max_images=0, workers=2, rank=0, world_size=1):
+    """Pre-training's ITM (Eq. 8) on held-out images (data.build_dataset("pretrain", "val")): each image with its
+    4 texts, 2 matched and 2 mismatched captions, nothing masked. Returns (on rank 0) the accuracy over all pairs,
+    over the matched and over the mismatched ones; None on the other ranks. A model that ignores the image can
+    reach 0.5 overall only by answering every pair alike, so the two kinds are reported apart."""
+    n = len(dataset) if not max_images else min(max_images, len(dataset))
+    mine, rows, pos = shard(n, rank, world_size), [], 0
+    was_training = model.training
+    model.eval()
+    for batch in eval_loader(dataset, mine, batch_size, workers):
+        if batch.get("skipped"):
+            raise RuntimeError("an image could not be read; evaluation needs every example")
+        with train.autocast_context(device, amp):
+            logits = model.pretrain_itm_logits(train.to_device(batch, device))
+        correct = (logits.argmax(-1).cpu() == batch["itm_label"]).view(-1, 4)  # [images, 4 texts]
+        rows += [{"index": i, "correct": correct[k].tolist()} for k, i in enumerate(mine[pos:pos + len(correct)])]
+        pos += len(correct)
+    model.train(was_training)
+    parts = gather_to_rank0(rows)
+    if rank != 0:
+        return None
+    correct = torch.tensor([r["correct"] for r in merge_examples(parts, n)], dtype=torch.float64)  # [n, 4]
+    return {"images": n, "pairs": 4 * n, "accuracy": correct.mean().item(),
+            "matched": correct[:, :2].mean().item(), "mismatched": correct[:, 2:].mean().item()}
+
+
+def evaluate_itm(model, ckpt, args, device, amp, rank, world_size):
+    """Held-out pre-training ITM: with the real images, and with every image blanked (one constant image). A model
+    that looks at the image drops to chance when blanked; a model that reads only the text does not move."""
+    cfg = model.config
+    data_root = data_root_of(args, ckpt)
+    tokenizer = tokenizer_of(ckpt, cfg, data_root)
+    text_only = ckpt.get("train_config", {}).get("text_only", False)
+    result = {"task": "itm", "split": args.split, "world_size": world_size, "amp": amp, "metrics": {}}
+    for name, blank in (("images", text_only), ("images blanked", True)):
+        dataset = data.build_dataset("pretrain", args.split, data_root, tokenizer, cfg, seed=0, text_only=blank)
+        m = itm_accuracy(model, dataset, device, amp, args.batch_size, args.max_images, args.workers, rank,
+                         world_size)
+        if rank == 0:
+            result["metrics"][name] = m
+            result["examples"], result["of_split"] = m["images"], len(dataset)
+        if text_only:
+            break  # the control never saw an image: blanking changes nothing
+    return result if rank == 0 else None
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 6. Speed (Sec. 4.5): time per image-text pair of each inference stage, and two ratios
 # ----------------------------------------------------------------------------------------------------------------
@@ -628,8 +676,7 @@ def measure_speed(model, size, device, amp, repeats, warmup, text_len=16, batch=
     model.zero_grad(set_to_none=True)
     model.eval()
     if dictionary is not None:  # the timed steps gathered Eq. 4 statistics; they must not reach an update
-        model.visual_dictionary.pending_sums.zero_()
-        model.visual_dictionary.pending_counts.zero_()
+        model.visual_dictionary.discard_pending()
 
     # ratio 2: Eq. 2 against its lower bound, one matrix multiply of the same shape (both in fp32, as vq_lookup)
     k = cfg.vd_size
@@ -870,6 +917,10 @@ def report(result):
                 f"[{result['vq_tokens']},{result['matmul_shape'][0][1]}] @ [{result['matmul_shape'][1][0]},"
                 f"{result['matmul_shape'][1][1]}] matmul {result['matmul_ms']:.3f} ms, ratio "
                 f"{result['vq_lookup_over_matmul']:.2f}")
+    if task == "itm":
+        rows = [[name, m["accuracy"], m["matched"], m["mismatched"]] for name, m in result["metrics"].items()]
+        return (f"itm {result['split']} (held-out images): {result['examples']} images x 4 texts (2 matched, "
+                f"2 mismatched captions)\n" + format_table(["", "accuracy", "matched", "mismatched"], rows))
     if task == "vd":
         return (f"vd {result['split']}: {result['tokens']} visual tokens of {result['images']} images; "
                 f"{result['entries_used']} of {result['entries']} entries used, perplexity "
@@ -961,7 +1012,7 @@ def main(argv=None):
         trained_for = ckpt.get("task")
         # zero-shot retrieval with a pre-trained ITM head is fine, and every checkpoint carries the VD
         if rank == 0 and args.task != "vd" and trained_for not in (args.task, None) and \
-                not (args.task == "retrieval" and trained_for == "pretrain"):
+                not (args.task in ("retrieval", "itm") and trained_for == "pretrain"):
             print(f"warning: {ckpt_path} was trained for {trained_for!r}, not {args.task!r}: its {args.task} "
                   "head may be untrained", file=sys.stderr)
         out_dir = args.out or os.path.dirname(os.path.abspath(ckpt_path))
@@ -969,6 +1020,8 @@ def main(argv=None):
             result = evaluate_retrieval(model, ckpt, args, device, amp, rank, world_size)
         elif args.task == "vd":
             result = evaluate_vd(model, ckpt, args, device, amp, rank, world_size, out_dir)
+        elif args.task == "itm":
+            result = evaluate_itm(model, ckpt, args, device, amp, rank, world_size)
         else:
             result = evaluate_classification(model, ckpt, args, device, amp, rank, world_size)
         if rank == 0:

@@ -40,11 +40,15 @@ class SOHOConfig:
     resnet_depth: int = 18  # 18, 34, 50, 101 or 152
     resnet_width: int = 64  # channels of the first stage; torchvision's ResNets use 64
     backbone_bn: str = "frozen"  # "frozen": BatchNorm uses its stored statistics; "train": per-batch statistics
+    zero_init_residual: bool = False  # a ResNet from scratch: each block starts as the identity (see ResNet)
     # visual dictionary (Sec. 3.2)
     use_vd: bool = True  # False gives the "w/o VD" row of Table 7 (and no MVM)
     vd_size: int = 2048  # k, the number of entries; Table 7 finds 2048 best
     vd_gamma: float = 0.9  # the momentum of Eq. 4; the paper gives no value, see the README for why 0.9
     downstream_use_vd: bool = False  # Sec. 4.2: downstream tasks do better on the features *before* the VD
+    # Beyond the paper: dead entries (entries no feature ever picks; see the README, "Differences")
+    vd_init: str = "random"  # "random": N(0, 1), as the paper; "features": k-means on the first step's features
+    vd_restart_after: int = 0  # re-seed an entry from a current feature after this many updates unused (0: never)
     # cross-modal transformer: BERT-base by default
     hidden_size: int = 768  # c: visual tokens and word embeddings share this width (Sec. 3.3)
     num_layers: int = 12
@@ -180,6 +184,16 @@ def all_reduce_statistics(sums, counts):
     return packed[:, :-1], packed[:, -1]
 
 
+def gather_features(sample):
+    """All ranks' feature samples [m, c] (m equal on every rank) -> [world_size * m, c], in rank order, the same
+    tensor on every rank. Without a process group this is the identity."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return sample
+    parts = [torch.empty_like(sample) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, sample.contiguous())
+    return torch.cat(parts)
+
+
 def ema_update_from_statistics(dictionary, sums, counts, gamma):
     """Eq. 4 from its statistics (already summed over ranks and micro-steps):
 
@@ -207,6 +221,41 @@ def ema_update(dictionary, v, h, gamma):
     sums, counts = assignment_statistics(v, h, dictionary.shape[0])
     sums, counts = all_reduce_statistics(sums, counts)
     return ema_update_from_statistics(dictionary, sums, counts, gamma)
+
+
+def kmeans_init(features, k, generator, iterations=10):
+    """Beyond the paper: a start for the dictionary from features instead of N(0, 1) (as VQ codebooks often are).
+
+    k entries drawn from the features (with repetition only when there are fewer than k), then `iterations`
+    rounds of Lloyd's k-means, each Eq. 2 followed by Eq. 4 with gamma = 0; an entry that no feature picks keeps
+    its place. features: [N, c]; generator: a CPU torch.Generator, the same on every rank. Returns [k, c].
+    """
+    N = features.shape[0]
+    rows = torch.randperm(N, generator=generator)[:k] if N >= k else torch.randint(N, (k,), generator=generator)
+    d = _fp32_or_wider(features)[rows.to(features.device)]
+    for _ in range(iterations):
+        sums, counts = assignment_statistics(features, vq_lookup(features, d), k)
+        d = ema_update_from_statistics(d, sums, counts, 0.0)
+    return d
+
+
+def restart_dead_entries(dictionary, idle_updates, features, patience, generator):
+    """Beyond the paper: an entry that no feature has picked for `patience` updates is moved onto a feature of
+    the current step, so that it competes again (entries that start far from every feature never move under
+    Eq. 4, which only updates chosen entries).
+
+    dictionary: [k, c]; idle_updates: [k] long, updates since each entry was last chosen; features: [N, c], the
+    same on every rank (gather_features); generator: a CPU torch.Generator, the same on every rank.
+    Returns the new dictionary [k, c] and idle_updates [k] (0 where an entry was re-seeded).
+    """
+    dead = idle_updates >= patience  # [k]
+    n = int(dead.sum())
+    if n == 0:
+        return dictionary, idle_updates
+    rows = torch.randint(features.shape[0], (n,), generator=generator).to(features.device)
+    d = dictionary.clone()
+    d[dead] = features[rows].to(d.dtype)
+    return d, idle_updates.masked_fill(dead, 0)
 
 
 def straight_through(v, d):
@@ -340,7 +389,7 @@ RESNET_LAYOUT = {  # depth -> (block, blocks per stage)
 class ResNet(nn.Module):
     """torchvision's ResNet trunk (conv1 ... layer4, no avgpool/fc); forward returns layer4, stride 32."""
 
-    def __init__(self, depth=101, width=64, bn="frozen", gradient_checkpointing=False):
+    def __init__(self, depth=101, width=64, bn="frozen", gradient_checkpointing=False, zero_init_residual=False):
         super().__init__()
         if depth not in RESNET_LAYOUT:
             raise ValueError(f"resnet_depth must be one of {sorted(RESNET_LAYOUT)}, got {depth}")
@@ -363,6 +412,13 @@ class ResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if zero_init_residual:
+            # Goyal et al. 2017 (torchvision's zero_init_residual): the last BatchNorm of each residual branch
+            # starts at 0, so every block starts as the identity. A random 18-layer trunk otherwise washes the
+            # input's colours out by layer4 (README, "Does the model look at the image?"); this one passes them on.
+            for m in self.modules():
+                if isinstance(m, (BasicBlock, Bottleneck)):
+                    nn.init.zeros_((m.bn2 if isinstance(m, BasicBlock) else m.bn3).weight)
         self.train()  # modules start in training mode: freeze the BatchNorms from the start
 
     def train(self, mode=True):
@@ -396,14 +452,29 @@ class VisualDictionary(nn.Module):
     The forward passes of one optimizer step (its micro-steps) all use the same D; `accumulate` adds their
     statistics, and `update` (called by train.py once per optimizer step) all-reduces them over the ranks and
     applies Eq. 4 once, on the global batch. D is a buffer: it gets no gradient, and the optimizer never sees it.
+
+    Beyond the paper, and off unless asked for: init="features" replaces the random start by k-means on the
+    features of the first step (kmeans_init), and restart_after=N re-seeds entries unused for N updates
+    (restart_dead_entries). Both draw from features gathered from all ranks with a generator seeded by the update
+    count, so every rank computes the same dictionary.
     """
 
-    def __init__(self, size, dim, gamma):
+    def __init__(self, size, dim, gamma, init="random", restart_after=0):
         super().__init__()
-        self.gamma = gamma
+        if init not in ("random", "features"):
+            raise ValueError(f"vd_init must be 'random' or 'features', got {init!r}")
+        self.gamma, self.init, self.restart_after = gamma, init, restart_after
         self.register_buffer("embed", torch.randn(size, dim))  # "randomly initialized" (Sec. 3.2)
         self.register_buffer("pending_sums", torch.zeros(size, dim), persistent=False)
         self.register_buffer("pending_counts", torch.zeros(size), persistent=False)
+        # state of the options beyond the paper, saved with the model so that a resumed run continues exactly
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+        self.register_buffer("idle_updates", torch.zeros(size, dtype=torch.long))
+        self.pending_features = None  # a sample of this step's features [<= k, c], for the options above
+
+    @property
+    def needs_features(self):
+        return (self.init == "features" and self.updates == 0) or self.restart_after > 0
 
     def lookup(self, v):
         """Eq. 2 then Eq. 3 for features v [..., c]: returns indices h [...] and entries d_h [..., c]."""
@@ -416,15 +487,46 @@ class VisualDictionary(nn.Module):
         sums, counts = assignment_statistics(v, h, self.embed.shape[0])
         self.pending_sums += sums.to(self.pending_sums.dtype)
         self.pending_counts += counts.to(self.pending_counts.dtype)
+        if self.needs_features and len(v):
+            k = self.embed.shape[0]
+            pool = v.detach().float() if self.pending_features is None else torch.cat([self.pending_features,
+                                                                                       v.detach().float()])
+            self.pending_features = pool[torch.randperm(len(pool), device=pool.device)[:k]]
 
     @torch.no_grad()
     def update(self):
         """Apply Eq. 4 to the statistics gathered since the last call; returns the global counts [k]."""
         sums, counts = all_reduce_statistics(self.pending_sums.clone(), self.pending_counts.clone())
-        self.embed.copy_(ema_update_from_statistics(self.embed, sums, counts, self.gamma))
+        features = self._gathered_features() if self.needs_features else None
+        generator = torch.Generator().manual_seed(int(self.updates))  # the same draws on every rank
+        if self.init == "features" and self.updates == 0:
+            self.embed.copy_(kmeans_init(features, self.embed.shape[0], generator))
+        else:
+            self.embed.copy_(ema_update_from_statistics(self.embed, sums, counts, self.gamma))  # Eq. 4
+        if self.restart_after:
+            idle = torch.where(counts > 0, 0, self.idle_updates + 1)
+            embed, idle = restart_dead_entries(self.embed, idle, features, self.restart_after, generator)
+            self.embed.copy_(embed)
+            self.idle_updates.copy_(idle)
+        self.updates += 1
+        self.discard_pending()
+        return counts
+
+    def _gathered_features(self):
+        """k features of this rank (drawn again, with repetition, if it saw fewer), gathered from all ranks."""
+        k, local = self.embed.shape[0], self.pending_features
+        if local is None:
+            raise RuntimeError("vd_init='features' / vd_restart_after need features: call accumulate first")
+        if len(local) < k:
+            local = local[torch.randint(len(local), (k,), device=local.device)]
+        return gather_features(local)
+
+    @torch.no_grad()
+    def discard_pending(self):
+        """Forget the statistics gathered since the last update (e.g. after forward passes that must not count)."""
         self.pending_sums.zero_()
         self.pending_counts.zero_()
-        return counts
+        self.pending_features = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -536,10 +638,12 @@ class SOHO(nn.Module):
         if H % cfg.num_heads or H % 4:
             raise ValueError(f"hidden_size {H} must divide by num_heads {cfg.num_heads} and by 4 (2-D sine)")
         # Eq. 1: the visual encoder E = ResNet + 1x1 conv (+ the 2x2 max pooling in `encode`)
-        self.backbone = ResNet(cfg.resnet_depth, cfg.resnet_width, cfg.backbone_bn, cfg.gradient_checkpointing)
+        self.backbone = ResNet(cfg.resnet_depth, cfg.resnet_width, cfg.backbone_bn, cfg.gradient_checkpointing,
+                               cfg.zero_init_residual)
         self.projection = nn.Conv2d(self.backbone.out_channels, H, kernel_size=1)
         # Sec. 3.2: the visual dictionary (a buffer inside; nothing here is trained by gradient)
-        self.visual_dictionary = VisualDictionary(cfg.vd_size, H, cfg.vd_gamma) if cfg.use_vd else None
+        self.visual_dictionary = (VisualDictionary(cfg.vd_size, H, cfg.vd_gamma, cfg.vd_init, cfg.vd_restart_after)
+                                  if cfg.use_vd else None)
         # Sec. 3.3: visual tokens get a [MASK] vector (MVM), a 2-D sine position, and a LayerNorm
         self.visual_mask_embedding = nn.Parameter(torch.zeros(H))
         self.visual_norm = nn.LayerNorm(H, eps=cfg.layer_norm_eps)
@@ -649,7 +753,7 @@ class SOHO(nn.Module):
         MLM and MVM losses are taken on the matched pairs only (Sec. 4.1); the inputs of all pairs are masked
         alike, so that ITM cannot tell a matched pair by its [MASK] tokens. In training mode the batch's VD
         statistics are accumulated for the next Eq. 4 update. Returns {"mlm", "mvm", "itm"}: LossTerm, and
-        "vd_indices" [N valid tokens], "mvm_mask" [4B, l] (None without the VD).
+        "vd_indices" [N valid tokens], "mvm_mask" [4B, l] (None without the VD), "itm_correct" [4B] bool.
         """
         cfg = self.config
         V, valid, grid = self.encode(batch["images"], batch["image_mask"])  # [B, l, c], [B, l]
@@ -687,9 +791,20 @@ class SOHO(nn.Module):
             mvm = LossTerm(zero, zero.detach(), zero.detach())
 
         # Eq. 8, ITM: is the text the image's caption?  A binary classifier on the pooled [CLS]
-        itm = _loss_term(self.itm_head(self.transformer.pool(hidden)), itm_label)
+        itm_logits = self.itm_head(self.transformer.pool(hidden))  # [4B, 2]
+        itm = _loss_term(itm_logits, itm_label)
         return {"mlm": mlm, "mvm": mvm, "itm": itm, "vd_indices": None if h is None else h[valid],
-                "mvm_mask": mvm_mask}
+                "mvm_mask": mvm_mask, "itm_correct": itm_logits.detach().argmax(-1) == itm_label}
+
+    def pretrain_itm_logits(self, batch):
+        """ITM logits [4B, 2] of a pre-training batch with nothing masked, the visual tokens as pre-training
+        makes them (VD embeddings, Eq. 2-3): the held-out ITM evaluation of evaluate.py."""
+        V, valid, grid = self.encode(batch["images"], batch["image_mask"])  # [B, l, c], [B, l]
+        if self.config.use_vd:
+            V = self.visual_dictionary.lookup(V)[1]  # Eq. 2, 3
+        visual, img_index = self.embed_visual(V, grid), batch["img_index"]
+        return self.pair_logits(visual[img_index], valid[img_index], batch["input_ids"], batch["text_mask"],
+                                self.itm_head)
 
     # --- downstream tasks (Sec. 4.2) --------------------------------------------------------------------------
 

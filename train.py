@@ -49,12 +49,15 @@ class TrainConfig:
     bert: str = ""  # a Hugging Face BERT directory (config.json, vocab.txt, weights)
     resnet: str = ""  # a torchvision ImageNet ResNet state dict (resnet101-*.pth)
     retrieval_source: str = "coco"  # coco | flickr30k
+    itm_negatives: str = "random"  # pre-training mismatches: random (the paper) | hard (beyond it; leaves a text trace)
+    text_only: bool = False  # the control that cannot see: every image replaced by one constant image
     # batch: `batch_per_gpu` examples per forward; gradient accumulation fills `global_batch` (examples per step)
     batch_per_gpu: int = 16
     global_batch: int = 16
     epochs: int = 8
     max_steps: int = 0  # stop after this many optimizer steps in all (0: run all epochs); for tests and smoke runs
     # optimizers (Sec. 4.1): SGD for the visual backbone, AdamW for the transformer and heads
+    backbone_optimizer: str = "sgd"  # sgd (the paper, for an ImageNet ResNet) | adamw (a ResNet from scratch)
     lr_backbone: float = 1e-2
     weight_decay_backbone: float = 5e-4
     momentum: float = 0.9
@@ -247,7 +250,7 @@ def all_reduce_sum(t):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def pretraining_loss(out, world_size):
+def pretraining_loss(out, world_size, itm_label):
     """Eq. 9 from the model's loss terms, each averaged over the targets of *all* ranks.
 
     Ranks hold different numbers of masked words and masked visual tokens. DDP averages gradients over ranks, so
@@ -255,14 +258,20 @@ def pretraining_loss(out, world_size):
     same as one process on the whole batch. Returns (loss, stats for logging: global sums and counts).
     """
     names = ("mlm", "mvm", "itm")
-    local = torch.stack([torch.stack([out[n].sum.detach().float(), out[n].count.float(), out[n].correct.float()])
-                         for n in names])  # [3, 3]: sum, count, correct of each term
-    totals = all_reduce_sum(local)  # one collective for the three terms
+    rows = [torch.stack([out[n].sum.detach().float(), out[n].count.float(), out[n].correct.float()])
+            for n in names]  # sum, count, correct of each term
+    # ITM accuracy on the matched and on the mismatched texts apart: a model that ignores the image can score
+    # well on one kind by always answering it, never on both
+    correct, matched = out["itm_correct"].float(), (itm_label == 1).float()
+    for kind in (matched, 1.0 - matched):
+        rows.append(torch.stack([(correct * kind).sum(), kind.sum(), kind.sum()]))
+    totals = all_reduce_sum(torch.stack(rows))  # [5, 3]: one collective for everything
     means = [out[n].sum * world_size / totals[i, 1].clamp(min=1) for i, n in enumerate(names)]
     totals = totals.cpu()  # one device-to-host copy per micro-step, for logging
     stats = {}
     for i, n in enumerate(names):
         stats[n], stats[n + "_acc"] = totals[i, :2], totals[i, [2, 1]]
+    stats["itm_matched_acc"], stats["itm_mismatched_acc"] = totals[3, :2], totals[4, :2]
     return soho.pretraining_objective(*means), stats
 
 
@@ -327,8 +336,14 @@ def build_optimizers(model, cfg, task):
     rest = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in backbone_ids]
     decay = [p for n, p in rest if p.ndim >= 2]
     no_decay = [p for n, p in rest if p.ndim < 2]
-    sgd = torch.optim.SGD([{"params": backbone, "base_lr": cfg.lr_backbone}], lr=cfg.lr_backbone,
-                          momentum=cfg.momentum, weight_decay=cfg.weight_decay_backbone)
+    if cfg.backbone_optimizer == "adamw":
+        sgd = torch.optim.AdamW([{"params": backbone, "base_lr": cfg.lr_backbone}], lr=cfg.lr_backbone,
+                                weight_decay=cfg.weight_decay_backbone, eps=1e-6)
+    elif cfg.backbone_optimizer == "sgd":
+        sgd = torch.optim.SGD([{"params": backbone, "base_lr": cfg.lr_backbone}], lr=cfg.lr_backbone,
+                              momentum=cfg.momentum, weight_decay=cfg.weight_decay_backbone)
+    else:
+        raise SystemExit(f"--backbone_optimizer={cfg.backbone_optimizer}: expected sgd or adamw")
     adamw = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
                                {"params": no_decay, "weight_decay": 0.0, "base_lr": cfg.lr}], lr=cfg.lr, eps=1e-6)
     return sgd, adamw
@@ -630,7 +645,7 @@ def train(cfg, model_overrides, args=None):
                 with (contextlib.nullcontext() if sync else ddp_model.no_sync()), autocast_context(device, amp):
                     out = ddp_model(task, batch)
                     if task == "pretrain":
-                        loss, stats = pretraining_loss(out, world_size)
+                        loss, stats = pretraining_loss(out, world_size, batch["itm_label"])
                     else:
                         loss, stats = downstream_loss(task, out, batch)
                         stats = reduce_stats(stats)
@@ -671,6 +686,9 @@ def train(cfg, model_overrides, args=None):
                 print(f"epoch {epoch}: skipped {skipped_images} unreadable image(s) so far (see the log above)")
             save()
     bar.close()
+    if task == "pretrain" and (step == total_steps or saved_step != step):
+        last_metrics.update(heldout_itm(model, cfg, data_root, tokenizer, model_cfg, device, amp, rank, world_size))
+        saved_step = -1  # the checkpoint carries the held-out numbers
     if saved_step != step:  # the end fell between checkpoints: save where we stopped
         save()
     elapsed = time.time() - started
@@ -684,10 +702,26 @@ def train(cfg, model_overrides, args=None):
 def build_train_dataset(cfg, data_root, tokenizer, model_cfg):
     # seed: each example's randomness (negatives, MLM masks) is a function of (seed, epoch, index), so it does
     # not depend on the number of ranks or workers, and a resumed run sees the same batches as a straight one
-    opts = {"skip_bad_images": cfg.skip_bad_images, "seed": cfg.seed}
+    opts = {"skip_bad_images": cfg.skip_bad_images, "seed": cfg.seed, "text_only": cfg.text_only}
     if cfg.task == "retrieval":
         opts["source"] = cfg.retrieval_source
+    if cfg.task == "pretrain":
+        opts["negatives"] = cfg.itm_negatives
     return data.build_dataset(cfg.task, "train", data_root, tokenizer, model_cfg, **opts)
+
+
+def heldout_itm(model, cfg, data_root, tokenizer, model_cfg, device, amp, rank, world_size):
+    """Pre-training's ITM accuracy on held-out images (COCO's Karpathy val, which pre-training never sees), never
+    on the training batches: {"heldout_itm_acc", "heldout_itm_matched_acc", "heldout_itm_mismatched_acc"}."""
+    import evaluate  # evaluate.py imports this module: import it here, not at the top
+
+    dataset = data.build_dataset("pretrain", "val", data_root, tokenizer, model_cfg, seed=0, text_only=cfg.text_only)
+    m = evaluate.itm_accuracy(model, dataset, device, amp, cfg.batch_per_gpu, workers=cfg.num_workers, rank=rank,
+                              world_size=world_size)
+    if m is None:  # not rank 0
+        return {}
+    return {"heldout_itm_acc": m["accuracy"], "heldout_itm_matched_acc": m["matched"],
+            "heldout_itm_mismatched_acc": m["mismatched"], "heldout_images": m["images"]}
 
 
 def check_finite(stats, step, task):
@@ -716,7 +750,8 @@ def summarise(window, task, vd_health, optimizers, step, epoch, wait_time, compu
 
 
 def format_metrics(m):
-    keys = ["loss", "mlm", "mvm", "itm", "mlm_acc", "mvm_acc", "itm_acc", "vd_used", "vd_ppl", "pair_acc",
+    keys = ["loss", "mlm", "mvm", "itm", "mlm_acc", "mvm_acc", "itm_acc", "itm_matched_acc", "itm_mismatched_acc",
+            "vd_used", "vd_ppl", "pair_acc",
             "batch_r1", "vqa_score", "acc", "lr"]
     return " ".join(f"{k}={m[k]:.3g}" for k in keys if k in m)
 
@@ -725,6 +760,10 @@ def print_summary(cfg, task, m, elapsed, wait_time, compute_time):
     ckpt = os.path.join(cfg.out, "ckpt.pt")
     print(f"\ndone in {elapsed / 60:.1f} min; checkpoint: {ckpt}")
     print("reached (mean over the last logging window): " + format_metrics(m))
+    if "heldout_itm_acc" in m:
+        print(f"held-out ITM ({m['heldout_images']} COCO val images never trained on, 4 texts each): "
+              f"accuracy {m['heldout_itm_acc']:.3f}, matched {m['heldout_itm_matched_acc']:.3f}, "
+              f"mismatched {m['heldout_itm_mismatched_acc']:.3f}" + (" (text-only control)" if cfg.text_only else ""))
     print(f"share of step time spent waiting for data ({cfg.num_workers} workers): "
           f"{100 * wait_time / max(wait_time + compute_time, 1e-9):.1f}%")
     data_flag = f" --data {cfg.data}" if cfg.data else ""

@@ -871,7 +871,7 @@ dataset = data.build_dataset("pretrain", "train", ckpt["data_root"], helpers.tok
 batch = dataset.collate([dataset[i] for i in range(8)])
 out = model.pretrain_losses(batch, generator=torch.Generator().manual_seed(0))
 L = soho.pretraining_objective(out["mlm"].mean, out["mvm"].mean, out["itm"].mean)  # Eq. 9
-L_train, stats = train.pretraining_loss(out, world_size=1)  # what train.py minimises
+L_train, stats = train.pretraining_loss(out, world_size=1, itm_label=batch["itm_label"])  # what train.py minimises
 print(" + ".join(f"L_{k.upper()} {out[k].mean:.3f}" for k in ("mlm", "mvm", "itm")), f"= {L:.3f}")
 L.backward()
 grads = {name: model.get_submodule(name).weight.grad.norm().item()

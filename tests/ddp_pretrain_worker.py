@@ -62,7 +62,7 @@ def run(rank, world_size):
     first_grads = None
     for step in range(STEPS):
         out = net("pretrain", batch)
-        loss, _ = train.pretraining_loss(out, world_size)
+        loss, _ = train.pretraining_loss(out, world_size, batch["itm_label"])
         loss.backward()
         if first_grads is None:
             first_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

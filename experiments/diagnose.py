@@ -1,0 +1,184 @@
+"""
+Does the visual pathway reach ITM? Measurements on a pre-training checkpoint (README, "Does the model look at the
+image?").
+
+    python experiments/diagnose.py --checkpoint runs/pretrain/ckpt.pt [--init]
+
+Each line answers one suspected cause with a number, on held-out data:
+1. colour probe: can a linear probe read "colour c is in the image" from the visual tokens, at each stage of the
+   pathway (ResNet layer1 .. layer4, the projection, the tokens that enter the transformer)? Scenes are drawn fresh
+   from the synthetic world's generator, so their contents are known exactly; the probe trains on 600 and is scored
+   on 300 others, against the majority rate.
+2. token spread: the share of the visual tokens' energy that differs between images (the rest is one vector shared
+   by every image), beside the same share for the text tokens.
+3. attention: the share of [CLS]'s attention that goes to visual tokens, per layer, on held-out pairs.
+4. gradients: the norm of the ITM loss's gradient at the ResNet, the projection and the transformer.
+5. the VD: entries in use on held-out images, against the 30 colour-shape kinds of the world.
+With --init the same model is measured at its initialisation (same seed and config), to tell what training did.
+"""
+
+import argparse
+import os
+import random
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import soho  # noqa: E402
+import train  # noqa: E402
+from data import SYNTH_COLORS, SYNTH_SHAPES  # noqa: E402
+
+
+def scenes(n, seed):
+    rng = random.Random(f"diagnose/{seed}")
+    return [data.random_scene(rng) for _ in range(n)]
+
+
+def scene_batch(scenes_, cfg):
+    images = [data.image_to_tensor(data.resize_image(data.render_scene(s), cfg.image_short, cfg.image_long))
+              for s in scenes_]
+    return data.pad_images(images)
+
+
+@torch.no_grad()
+def stage_features(model, images, image_mask):
+    """{stage name: [B, C] mean over the image's valid cells} along the visual pathway."""
+    bb, out = model.backbone, {}
+    x = F.max_pool2d(F.relu(bb.bn1(bb.conv1(images))), kernel_size=3, stride=2, padding=1)
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        x = getattr(bb, name)(x)
+        out[name] = x.mean((2, 3))
+    V, valid, grid = model.encode(images, image_mask)
+    out["projection"] = (V * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)
+    if model.config.use_vd:
+        V = model.visual_dictionary.lookup(V)[1]
+    tokens = model.embed_visual(V, grid)
+    out["tokens entering the transformer"] = (tokens * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)
+    return out
+
+
+def linear_probe(x_train, y_train, x_test, y_test, steps=300):
+    """Accuracy of a logistic-regression probe per binary label, averaged over labels: x [N, C], y [N, K]."""
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    w = torch.zeros(x_train.shape[1], y_train.shape[1], requires_grad=True)
+    b = torch.zeros(y_train.shape[1], requires_grad=True)
+    opt = torch.optim.Adam([w, b], lr=0.05)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(x_train @ w + b, y_train) + 1e-3 * (w * w).sum()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return (((x_test @ w + b) > 0).float() == y_test).float().mean().item()
+
+
+def colour_probe(model, cfg, n_train=600, n_test=300):
+    colours = sorted(SYNTH_COLORS)
+    feats, labels = {}, []
+    for part, n in (("train", n_train), ("test", n_test)):
+        sc = scenes(n, part)
+        labels.append(torch.tensor([[float(any(t.color == c for t in s.things)) for c in colours] for s in sc]))
+        for start in range(0, n, 50):
+            images, mask = scene_batch(sc[start:start + 50], cfg)
+            for k, v in stage_features(model, images, mask).items():
+                feats.setdefault(k, {}).setdefault(part, []).append(v)
+    y_train, y_test = labels
+    majority = torch.maximum(y_test.mean(0), 1 - y_test.mean(0)).mean().item()
+    return {k: linear_probe(torch.cat(v["train"]), y_train, torch.cat(v["test"]), y_test) for k, v in feats.items()}, \
+        majority
+
+
+def heldout_batch(ckpt, cfg, n_images=32):
+    root = ckpt["data_root"]
+    tok = data.Tokenizer.from_vocab(ckpt["vocab_path"], cfg.max_text_len)
+    ds = data.build_dataset("pretrain", "val", root, tok, cfg, seed=0)
+    return ds.collate([ds[i] for i in range(n_images)])
+
+
+def attention_to_visual(model, batch):
+    """Per layer: the mean share of [CLS]'s attention (averaged over heads) that lands on visual tokens."""
+    tr, shares = model.transformer, []
+    V, valid, grid = model.encode(batch["images"], batch["image_mask"])
+    if model.config.use_vd:
+        V = model.visual_dictionary.lookup(V)[1]
+    visual, idx = model.embed_visual(V, grid), batch["img_index"]
+    x = torch.cat([tr.text_embed(batch["input_ids"]), visual[idx]], 1)
+    attend = torch.cat([batch["text_mask"].bool(), valid[idx]], 1)
+    T = batch["input_ids"].shape[1]
+    for layer in tr.layers:
+        B, S, H = x.shape
+        nh = layer.num_heads
+        q = layer.query(x[:, :1]).view(B, 1, nh, H // nh).transpose(1, 2)
+        k = layer.key(x).view(B, S, nh, H // nh).transpose(1, 2)
+        att = (q @ k.transpose(-1, -2) / (H // nh) ** 0.5).masked_fill(~attend[:, None, None], float("-inf"))
+        shares.append(att.softmax(-1)[..., T:].sum(-1).mean().item())
+        x = layer(x, attend)
+    return shares
+
+
+def token_spread(model, batch):
+    """Share of the visual (text) tokens' energy that is not the mean token over the batch."""
+    V, valid, grid = model.encode(batch["images"], batch["image_mask"])
+    if model.config.use_vd:
+        V = model.visual_dictionary.lookup(V)[1]
+    vis = model.embed_visual(V, grid)[valid]  # [N, H]
+    txt = model.transformer.text_embed(batch["input_ids"])[batch["text_mask"].bool()]
+    share = lambda t: ((t - t.mean(0)) ** 2).sum().item() / (t ** 2).sum().item()
+    return share(vis), share(txt)
+
+
+def itm_gradients(model, batch):
+    model.zero_grad(set_to_none=True)
+    out = model.pretrain_losses(batch)
+    out["itm"].mean.backward()
+    norm = lambda mod: torch.sqrt(sum((p.grad ** 2).sum() for p in mod.parameters() if p.grad is not None)).item()
+    result = {"resnet": norm(model.backbone), "projection": norm(model.projection),
+              "transformer": norm(model.transformer)}
+    model.zero_grad(set_to_none=True)
+    if model.visual_dictionary is not None:
+        model.visual_dictionary.discard_pending()
+    return result
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default="runs/pretrain/ckpt.pt")
+    p.add_argument("--init", action="store_true", help="measure the model at its initialisation instead")
+    args = p.parse_args()
+    model, ckpt = train.load_model(args.checkpoint)
+    cfg = model.config
+    if args.init:
+        torch.manual_seed(ckpt["train_config"]["seed"])
+        model = soho.SOHO(cfg).eval()
+    torch.manual_seed(0)
+    batch = heldout_batch(ckpt, cfg)
+    print(f"{args.checkpoint}{' (at initialisation)' if args.init else ''}")
+    probes, majority = colour_probe(model, cfg)
+    print(f"1. colour probe (has colour c, 6 colours; majority rate {majority:.3f}):")
+    for k, v in probes.items():
+        print(f"     {k:32s} {v:.3f}")
+    vis, txt = token_spread(model, batch)
+    print(f"2. image-specific share of the visual tokens' energy {vis:.3f} (text tokens: {txt:.3f})")
+    with torch.no_grad():
+        shares = attention_to_visual(model, batch)
+    n_vis = batch["image_mask"].shape[1] * batch["image_mask"].shape[2] // 64 ** 2
+    print("3. [CLS] attention on visual tokens, per layer: " + ", ".join(f"{s:.3f}" for s in shares)
+          + f" (uniform attention would give about {n_vis / (n_vis + batch['text_mask'].sum(1).float().mean()):.2f})")
+    model.train()
+    grads = itm_gradients(model, batch)
+    print("4. ITM gradient norms: " + ", ".join(f"{k} {v:.2e}" for k, v in grads.items()))
+    model.eval()
+    if cfg.use_vd:
+        with torch.no_grad():
+            V, valid, _ = model.encode(batch["images"], batch["image_mask"])
+            h = model.visual_dictionary.lookup(V)[0][valid]
+        print(f"5. VD entries used by {int(valid.sum())} held-out tokens: {len(h.unique())} of {cfg.vd_size} "
+              f"(the world has {len(SYNTH_COLORS) * len(SYNTH_SHAPES)} colour-shape kinds and 3 backgrounds)")
+
+
+if __name__ == "__main__":
+    main()
