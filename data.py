@@ -22,7 +22,7 @@ task whose files are missing raises a DataError that lists what it looked for an
                                                 (no images here: VQA reads coco/train2014, coco/val2014, coco/test2015)
       nlvr2/
         train.json, dev.json, test1.json        JSON Lines, as released
-        images/train/<directory>/<pair>-img0.png, -img1.png
+        images/train/<directory>/<pair>-img0.png, -img1.png   (a flat images/train/<pair>-img0.png is found too)
         dev/<pair>-img{0,1}.png                 as the image zips unpack (images/dev/ and images/test1/ work too)
         test1/<pair>-img{0,1}.png
       flickr30k/
@@ -37,8 +37,8 @@ Tasks and splits for build_dataset(task, split, ...):
                                       coco_id is in the COCO val/test splits are dropped)
     retrieval  train, val, test       source="coco" or "flickr30k"; train = COCO train + restval / Flickr train;
                                       val/test return the images (each once) with the first 5 captions in `.texts`
-    vqa        train                  train2014 + val2014 questions (the paper trains on both)
-               train2014, val         train2014 alone, and val2014, for a local train / evaluate run
+    vqa        train, val             train2014 and val2014 questions: train on one, evaluate on the other
+               train+val              train2014 + val2014, the paper's training set for the test server
                test-dev, test         test-dev2015 and test2015 (= test-std) questions, for the submission file
     nlvr2      train, dev, test1
     snli-ve    train, dev, test
@@ -46,7 +46,8 @@ Tasks and splits for build_dataset(task, split, ...):
 With no --data the training script calls ensure_synthetic_world(default_data_root()), which renders a small world
 of coloured shapes once, in exactly these formats and this layout (see "Synthetic world" below), so that every
 task runs end to end in minutes on a laptop CPU. `python data.py synth --out DIR` writes one by hand,
-`python data.py check --data DIR` counts what a folder holds, `python data.py bench` times the loading.
+`python data.py check --data DIR` counts what a folder holds and reads each set's first example (`--full`: opens
+every image file and lists the bad ones), `python data.py bench` times the loading.
 """
 
 import argparse
@@ -61,11 +62,13 @@ import shutil
 import sys
 import time
 import types
+import warnings
 
 import numpy as np
 import torch
 import tokenizers
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 log = logging.getLogger("soho.data")
 
@@ -77,17 +80,29 @@ class DataError(ValueError):
 # ---- Files ----
 # Small helpers so that every format error names the file, the line or key, and what was expected.
 
+# While `python data.py check --full` runs this is a set, and the two readers below add every file they parse
+# (so that the check can list the annotation files it read); otherwise None.
+_files_read = None
+
+
+def _note_read(path):
+    if _files_read is not None:
+        _files_read.add(os.path.abspath(path))
+
+
 def read_json(path, expected):
     """Parse a JSON file; `expected` says in words what the file should hold (for the error message)."""
     if not os.path.isfile(path):
         raise DataError(f"missing file {path} (expected {expected})")
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            content = json.load(f)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: line {e.lineno}, column {e.colno}: malformed JSON ({e.msg}); expected {expected}")
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read ({e}); expected {expected}")
+    _note_read(path)
+    return content
 
 
 def read_json_lines(path, expected):
@@ -109,6 +124,7 @@ def read_json_lines(path, expected):
                 records.append((line_no, record))
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read ({e}); expected {expected}")
+    _note_read(path)
     return records
 
 
@@ -295,23 +311,74 @@ IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
 
+# EXIF orientation is NOT applied (no PIL.ImageOps.exif_transpose): an image is used as its pixels are stored.
+# Why: the texts of COCO (2014), Flickr30K (2014), Visual Genome (2016) and NLVR2 (2018) were written by annotators
+# who saw the images in desktop web browsers, and those ignored the orientation tag of an <img> until 2020 (CSS
+# image-orientation: from-image became the default then). So a caption ("a man lying on the left") describes the
+# stored pixel grid, and so do VG's region boxes and the width/height of image_data.json. Turning an image by its
+# tag would turn it away from its text. Few images of these sets carry a tag; custom data whose annotators saw
+# turned images should be turned once on disk (e.g. `exiftran -ai`), not here.
+
+# The modes that PIL converts to RGB faithfully; the 16- and 32-bit integer grayscale modes are scaled first (see
+# _gray_to_8bit); any other mode ("F", a future one) is refused by name rather than guessed.
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+_RGB_CONVERTIBLE_MODES = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "HSV", "LAB") + _ALPHA_MODES
+
+
+def _gray_to_8bit(img, path):
+    """A 16-bit grayscale image (mode I;16, I;16B, I;16L, I;16N, or I holding 0..65535, as Pillow reads 16-bit
+    PNG and TIFF files) as 8-bit L: value / 257, so 0 -> 0 and 65535 -> 255. PIL's own convert("L") clips every
+    value above 255, which makes almost any 16-bit photograph pure white."""
+    values = np.asarray(img)
+    lo, hi = int(values.min()), int(values.max())
+    if img.mode == "I" and (lo < 0 or hi > 65535):
+        raise DataError(f"cannot read image {path}: mode 'I' (32-bit integers) with values {lo}..{hi}, outside "
+                        "the 16-bit range 0..65535 that can be scaled to 8 bits; save it as an 8-bit or 16-bit image")
+    return Image.fromarray(np.rint(values.astype(np.float64) / 257.0).astype(np.uint8))  # uint8 2-D: mode L
+
+
+def _decode_rgb(path):
+    with Image.open(path) as img:
+        img.load()  # decode now, so that a truncated file fails here and not later in a worker
+        if img.mode == "I" or img.mode.startswith("I;16"):
+            img = _gray_to_8bit(img, path)
+        elif img.mode not in _RGB_CONVERTIBLE_MODES:
+            detail = ""
+            if img.mode == "F":
+                values = np.asarray(img)
+                detail = (f" (32-bit floating point, values {float(values.min()):g}..{float(values.max()):g}: no "
+                          "fixed range to map to 8 bits)")
+            raise DataError(f"cannot read image {path}: image mode {img.mode!r}{detail} is not supported; expected "
+                            f"one of {', '.join(_RGB_CONVERTIBLE_MODES)} or 16-bit grayscale. Save it as an 8-bit "
+                            "RGB or grayscale image")
+        if img.mode == "P" and "transparency" in img.info:
+            img = img.convert("RGBA")
+        if img.mode in _ALPHA_MODES:
+            rgba = img.convert("RGBA")
+            img = Image.new("RGB", rgba.size, (255, 255, 255))
+            img.paste(rgba, mask=rgba.getchannel("A"))
+        return img.convert("RGB") if img.mode != "RGB" else img.copy()
+
+
 def load_image(path):
     """Decode an image file to RGB. The format is read from the content, not the extension (some NLVR2 .png files
-    are JPEGs). Grayscale, palette, CMYK and alpha images are converted; transparency is laid on white."""
+    are JPEGs). Grayscale, palette, CMYK, LAB and alpha images are converted (transparency is laid on white), 16-bit
+    grayscale is scaled to 8 bits, any other mode is refused with a DataError naming the file; EXIF orientation is
+    not applied (see above). PIL's warnings (a DecompressionBombWarning for a huge image, corrupt EXIF data...) do
+    not say which file they are about: they are re-emitted, same category, with the path in front."""
     if not os.path.isfile(path):
         raise DataError(f"image file not found: {path}")
-    try:
-        with Image.open(path) as img:
-            img.load()  # decode now, so that a truncated file fails here and not later in a worker
-            if img.mode == "P" and "transparency" in img.info:
-                img = img.convert("RGBA")
-            if img.mode in ("RGBA", "LA", "PA"):
-                rgba = img.convert("RGBA")
-                img = Image.new("RGB", rgba.size, (255, 255, 255))
-                img.paste(rgba, mask=rgba.getchannel("A"))
-            return img.convert("RGB") if img.mode != "RGB" else img.copy()
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, struct.error...
-        raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            img = _decode_rgb(path)
+        except DataError:
+            raise
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, struct.error...
+            raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}")
+    for w in caught:
+        warnings.warn(f"{path}: {w.message}", w.category, stacklevel=2)
+    return img
 
 
 def resize_image(img, short=600, long=1000):
@@ -526,8 +593,13 @@ def nlvr2_image_dir(nlvr2_dir, split):
 
 
 def read_nlvr2(json_path, image_dir, split):
-    """NLVR2 examples: (identifier, sentence, label, left path, right path)."""
-    examples = []
+    """NLVR2 examples: (identifier, sentence, label, left path, right path).
+
+    Train images are released under images/train/<directory>/, but copies seen in the wild hold them all directly
+    in images/train/. A train example's images are looked for in its <directory>/ first, then directly in the
+    image folder (logged once, with the count); one found in neither place keeps its <directory>/ path (loading
+    it then fails naming that path), and a warning names both places looked in."""
+    examples, flat, nowhere = [], 0, []
     for line_no, r in read_json_lines(json_path, "NLVR2 records with identifier, sentence, label"):
         at = f"{json_path}: line {line_no}"
         identifier = str(field(r, "identifier", at))
@@ -537,10 +609,27 @@ def read_nlvr2(json_path, image_dir, split):
         parts = identifier.split("-")
         if len(parts) < 4:
             raise DataError(f"{at}: identifier {identifier!r} is not split-set-pair-sentence")
-        folder = os.path.join(image_dir, str(field(r, "directory", at))) if split == "train" else image_dir
-        stem = os.path.join(folder, "-".join(parts[:-1]))  # drop the sentence field: the images are the pair's
+        pair = "-".join(parts[:-1])  # drop the sentence field: the images are the pair's
+        folder = image_dir
+        if split == "train":
+            folder = os.path.join(image_dir, str(field(r, "directory", at)))
+            if not os.path.isfile(os.path.join(folder, pair + "-img0.png")):
+                if os.path.isfile(os.path.join(image_dir, pair + "-img0.png")):
+                    folder, flat = image_dir, flat + 1
+                else:
+                    nowhere.append((at, os.path.join(folder, pair + "-img0.png"),
+                                    os.path.join(image_dir, pair + "-img0.png")))
+        stem = os.path.join(folder, pair)
         examples.append((identifier, str(field(r, "sentence", at)), NLVR2_LABELS[label],
                          stem + "-img0.png", stem + "-img1.png"))
+    if flat:
+        log.info("%s: the images of %d of %d examples are directly in %s, not in its <directory>/ subfolders "
+                 "as released (a flat copy): using them", json_path, flat, len(examples), image_dir)
+    if nowhere:
+        at, nested, flat_path = nowhere[0]
+        log.warning("%s: the images of %d example(s) are neither in %s/<directory>/ nor directly in it; the "
+                    "first, %s, was looked for at %s and at %s", json_path, len(nowhere), image_dir, at, nested,
+                    flat_path)
     return examples
 
 
@@ -715,7 +804,10 @@ class PretrainDataset(ImageTextDataset):
         # left unmasked, a [MASK] in the input would tell the ITM head "matched" without looking at the image.
         all_ids, all_mask = self.text_batch(ids)
         generator = torch.Generator().manual_seed(rng.getrandbits(62))
-        masked, labels = mask_tokens(all_ids, all_mask, self.tokenizer, self.mlm_prob, generator)
+        if self.mlm_prob:
+            masked, labels = mask_tokens(all_ids, all_mask, self.tokenizer, self.mlm_prob, generator)
+        else:  # held-out ITM: the texts as they are
+            masked, labels = all_ids, torch.full_like(all_ids, -100)
         return {
             "image": image, "image_id": self.keys[i], "texts": texts, "text_source": [i, i, hard_source, random_source],
             "input_ids": [masked[k, :len(ids[k])].tolist() for k in range(4)],
@@ -831,8 +923,12 @@ VQA_QUESTION_FILES = {s: f"v2_OpenEnded_mscoco_{s}_questions.json"
 VQA_ANNOTATION_FILES = {s: f"v2_mscoco_{s}_annotations.json" for s in ("train2014", "val2014")}
 VQA_IMAGE_FOLDERS = {"train2014": "train2014", "val2014": "val2014", "test2015": "test2015",
                      "test-dev2015": "test2015"}  # test-dev images live in test2015
-VQA_SPLITS = {"train": ("train2014", "val2014"), "train2014": ("train2014",), "val": ("val2014",),
+# "train" is train2014 alone, so that a local evaluation on "val" scores questions the model never trained on;
+# "train+val" is the paper's recipe for the test server (test-dev / test), which trains on both.
+VQA_SPLITS = {"train": ("train2014",), "train+val": ("train2014", "val2014"), "val": ("val2014",),
               "test-dev": ("test-dev2015",), "test": ("test2015",)}
+# the evaluation splits that each training split has seen (evaluate.py refuses to score them)
+TRAINED_ON = {("vqa", "train+val"): {"val"}}
 VQA_ANSWER_TYPES = ("yes/no", "number", "other")
 
 
@@ -967,8 +1063,8 @@ def build_vqa_answer_vocab(data_root, min_count=9):
 
 def read_vqa(data_root, split):
     """VQA records of a split, (question_id, question, image path, answer_type, answers), and the annotations read
-    (so that the "train" split, which reads train2014 + val2014, builds the answer vocabulary without a second
-    parse of those large files)."""
+    (so that the "train+val" split, which reads train2014 + val2014, builds the answer vocabulary without a
+    second parse of those large files)."""
     if split not in VQA_SPLITS:
         raise DataError(f"vqa: unknown split {split!r} (expected one of {', '.join(VQA_SPLITS)})")
     vqa_dir, coco_dir = os.path.join(data_root, "vqa"), os.path.join(data_root, "coco")
@@ -1091,7 +1187,7 @@ def build_dataset(task, split, data_root, tokenizer, config_like, **opts):
         min_count = opts.get("min_answer_count", 9)
         answer_vocab = opts.get("answer_vocab")
         if not answer_vocab:  # always from train2014 + val2014, whichever split this is
-            answer_vocab = (answer_vocabulary(annotations, min_count) if split == "train"
+            answer_vocab = (answer_vocabulary(annotations, min_count) if split == "train+val"
                             else build_vqa_answer_vocab(data_root, min_count))
         return VQADataset(records, answer_vocab, tokenizer, **common)
 
@@ -1808,36 +1904,108 @@ def measure_data_wait(loader, step_fn, num_batches=20, warmup=2):
 
 # ---- Command line ----
 
-def _check(data_root, vocab, image_short, image_long):
-    """Build every task and split whose files exist, print its size, and read its first example."""
+def _image_references(name, dataset):
+    """(image path, the annotation key that names it) for each image of a dataset, for `check --full`."""
+    if isinstance(dataset, NLVR2Dataset):
+        return [(side[i], f"{name}, identifier {dataset.identifiers[i]}")
+                for i in range(len(dataset)) for side in (dataset.left, dataset.right)]
+    if isinstance(dataset, (VQADataset, SNLIVEDataset)):
+        key, ids = (("question_id", dataset.question_ids) if isinstance(dataset, VQADataset)
+                    else ("pairID", dataset.pair_ids))
+        first = {}  # image -> its first example
+        for i in range(len(dataset)):
+            first.setdefault(int(dataset.image_of[i]), i)
+        return [(dataset.paths[j], f"{name}, {key} {ids[i]}") for j, i in sorted(first.items())]
+    keys = dataset.keys if isinstance(dataset, PretrainDataset) else dataset.image_ids
+    return [(dataset.paths[i], f"{name}, image {keys[i]}") for i in range(len(dataset))]
+
+
+def _check(data_root, vocab, image_short, image_long, full=False):
+    """Build every task and split whose files exist (every annotation record is parsed), print its size, and read
+    its first example. With full=True also open every image file that any set names (and every VG image, also those
+    pre-training drops), with a progress bar, then print what was read (each annotation file, the image files per
+    folder) and every unreadable image with the set and annotation key that name it. Returns the number of bad
+    image files (0 without full)."""
+    global _files_read
+    if not os.path.isdir(data_root):
+        raise SystemExit(f"--data {data_root}: the folder does not exist (expected the layout of data.py's docstring)")
+    print(f"check {data_root}: " + ("full mode: every annotation record parsed, every image file opened" if full
+                                    else "quick mode: each set built, its first example read (--full opens every "
+                                    "image file)"))
     config = types.SimpleNamespace(image_short=image_short, image_long=image_long, max_text_len=16)
     vocab = vocab or os.path.join(data_root, "vocab.txt")
     tokenizer = Tokenizer.from_vocab(vocab, 16) if os.path.isfile(vocab) else None
     if tokenizer is None:
         print(f"no vocabulary at {vocab}: counting only, not reading examples")
-    answer_vocab = None
+    _files_read = set() if full else None
+    references, unavailable = [], 0
     try:
-        answer_vocab = build_vqa_answer_vocab(data_root)
-        print(f"vqa answer vocabulary: {len(answer_vocab)} answers")
-    except DataError as e:
-        print(e)
-    combos = [("pretrain", "train", {})]
-    combos += [("retrieval", s, {"source": src}) for src in ("coco", "flickr30k") for s in ("train", "val", "test")]
-    combos += [("vqa", s, {"answer_vocab": answer_vocab}) for s in VQA_SPLITS]
-    combos += [("nlvr2", s, {}) for s in ("train", "dev", "test1")]
-    combos += [("snli-ve", s, {}) for s in ("train", "dev", "test")]
-    for task, split, opts in combos:
-        name = f"{task} {opts.get('source', '')} {split}".replace("  ", " ")
+        answer_vocab = None
         try:
-            dataset = build_dataset(task, split, data_root, tokenizer, config, seed=0, **opts)
+            answer_vocab = build_vqa_answer_vocab(data_root)
+            print(f"vqa answer vocabulary: {len(answer_vocab)} answers")
+        except DataError as e:
+            print(e)
+        combos = [("pretrain", "train", {})]
+        combos += [("retrieval", s, {"source": src}) for src in ("coco", "flickr30k") for s in ("train", "val", "test")]
+        combos += [("vqa", s, {"answer_vocab": answer_vocab}) for s in VQA_SPLITS]
+        combos += [("nlvr2", s, {}) for s in ("train", "dev", "test1")]
+        combos += [("snli-ve", s, {}) for s in ("train", "dev", "test")]
+        for task, split, opts in combos:
+            name = f"{task} {opts.get('source', '')} {split}".replace("  ", " ")
+            try:
+                dataset = build_dataset(task, split, data_root, tokenizer, config, seed=0, **opts)
+            except DataError as e:
+                print(f"{name:28s} unavailable: {e}")
+                unavailable += 1
+                continue
             extra = f", {len(dataset.texts)} captions" if hasattr(dataset, "texts") else ""
             extra += "".join(f", {k} {v}" for k, v in sorted(dataset.stats.items()))
+            if full:
+                references += _image_references(name, dataset)
             if tokenizer is not None and len(dataset):
-                dataset[0]
-                extra += ", first example read"
+                try:
+                    dataset[0]
+                    extra += ", first example read"
+                except DataError as e:
+                    extra += f", first example unreadable: {e}"
             print(f"{name:28s} {len(dataset):8d} examples{extra}")
+        vg_dir = os.path.join(data_root, "vg")
+        vg_files = [os.path.join(vg_dir, f) for f in ("region_descriptions.json", "image_data.json")]
+        if full and all(os.path.isfile(f) for f in vg_files):
+            try:  # pre-training drops the VG copies of COCO val/test images: open those too
+                vg, _ = read_visual_genome(vg_dir)
+                references += [(p, f"vg, image {os.path.splitext(os.path.basename(p))[0]}") for p, _, _ in vg]
+            except DataError as e:
+                print(f"{'vg (all images)':28s} unavailable: {e}")
+    finally:
+        files_read, _files_read = _files_read, None
+    if not full:
+        return 0
+
+    named_by = {}  # image path -> the first set and key naming it
+    for path, where in references:
+        named_by.setdefault(path, where)
+    bad = []
+    for path in tqdm(named_by, desc="opening images", unit="image", file=sys.stderr, dynamic_ncols=True):
+        try:
+            load_image(path)
         except DataError as e:
-            print(f"{name:28s} unavailable: {e}")
+            bad.append((e, named_by[path]))
+    folders = collections.Counter(re.sub(r"[/\\]\d+$", "/<directory>", os.path.relpath(os.path.dirname(p), data_root))
+                                  for p in named_by)
+    print(f"\nfull check of {data_root}: read {len(files_read)} annotation files"
+          + (f" and the vocabulary {vocab}" if tokenizer is not None else "") + f", opened {len(named_by)} image files")
+    for path in sorted(files_read):
+        print(f"  {os.path.relpath(path, data_root)}")
+    for folder, n in sorted(folders.items()):
+        print(f"  {folder}/: {n} image files")
+    if unavailable:
+        print(f"{unavailable} set(s) unavailable (see above: missing files, or the annotation line at fault)")
+    print(f"bad image files: {len(bad)}")
+    for e, where in bad:
+        print(f"  {e} (named by {where})")
+    return len(bad)
 
 
 def _bench(args):
@@ -1864,6 +2032,8 @@ def main(argv=None):
     p = sub.add_parser("check", help="count what a --data folder holds, task by task")
     p.add_argument("--data", required=True)
     p.add_argument("--vocab", default=None, help="vocab.txt (default: DIR/vocab.txt)")
+    p.add_argument("--full", action="store_true", help="open every image file (progress bar) and list the bad ones "
+                   "with the annotation that names them; exit status 1 if any (default: each set's first example)")
     p.add_argument("--image-short", type=int, default=600)
     p.add_argument("--image-long", type=int, default=1000)
     p = sub.add_parser("bench", help="share of time a consumer waits for pre-training batches")
@@ -1887,7 +2057,8 @@ def main(argv=None):
         print(json.dumps(manifest["counts"]))
         print(f"wrote {args.out} in {time.time() - t0:.1f} s")
     elif args.command == "check":
-        _check(args.data, args.vocab, args.image_short, args.image_long)
+        if _check(args.data, args.vocab, args.image_short, args.image_long, full=args.full):
+            sys.exit(1)
     else:
         _bench(args)
 

@@ -5,7 +5,7 @@ and pictures of the visual dictionary (Sec. 4.4, Fig. 3).
     python evaluate.py --task retrieval                      # runs/retrieval/ckpt.pt on its test split
     python evaluate.py --task retrieval --max-images 100     # a quick look at a subset
     python evaluate.py --task vqa --split test-dev           # writes the test-server submission file
-    python evaluate.py --task nlvr2 --split test1
+    python evaluate.py --task nlvr2 --split test1            # also the official scorer's predictions CSV
     python evaluate.py --task snli-ve --split test
     python evaluate.py --task itm                            # pre-training's ITM on held-out images
     torchrun --nproc_per_node 8 evaluate.py --task retrieval --checkpoint runs/retrieval/ckpt.pt --data DIR
@@ -266,11 +266,24 @@ def resolve_checkpoint(task, path):
     return default
 
 
+def refuse_trained_split(ckpt, path, task, split):
+    """Never score examples the model trained on: stop when the checkpoint's training split holds `split`."""
+    trained = (ckpt.get("train_config") or {}).get("train_split", "train")
+    if split in data.TRAINED_ON.get((task, trained), ()):
+        raise SystemExit(f"{path} was trained on the {task} split {trained!r}, which holds {split!r}: its score "
+                         f"there would measure memory, not generalisation. Evaluate a model trained with "
+                         f"--train_split=train, or use this one for the test server (--split test-dev / test)")
+
+
 def data_root_of(args, ckpt):
     """--data, else the checkpoint's data root, else the synthetic world (written once if missing)."""
     root = args.data or (ckpt or {}).get("data_root") or data.default_data_root()
     if os.path.abspath(root) == os.path.abspath(data.default_data_root()):
         data.ensure_synthetic_world(root)
+    elif not os.path.isdir(root):
+        given = "--data" if args.data else "the checkpoint's data folder"
+        raise SystemExit(f"{given} {root} does not exist (expected a folder in the layout of data.py's docstring"
+                         + ("" if args.data else "; pass --data DIR") + ")")
     return root
 
 
@@ -280,9 +293,11 @@ def tokenizer_of(ckpt, cfg, data_root):
 
 
 def eval_loader(dataset, indices, batch_size, workers, collate=None):
-    """Batches of dataset[indices] in this order, nothing dropped, nothing repeated."""
+    """Batches of dataset[indices] in this order, nothing dropped, nothing repeated. The loader draws its workers'
+    seeds from a generator of its own, not the global one: train.py evaluates mid-run, and a resumed run must
+    continue from the same random state as a straight one."""
     return DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=workers,
-                      collate_fn=collate or dataset.collate, drop_last=False)
+                      collate_fn=collate or dataset.collate, drop_last=False, generator=torch.Generator())
 
 
 def synchronize(device):
@@ -520,8 +535,11 @@ def itm_accuracy(model, dataset, device, amp, batch_size=16, max_images=0, worke
     if rank != 0:
         return None
     correct = torch.tensor([r["correct"] for r in merge_examples(parts, n)], dtype=torch.float64)  # [n, 4]
-    return {"images": n, "pairs": 4 * n, "accuracy": correct.mean().item(),
-            "matched": correct[:, :2].mean().item(), "mismatched": correct[:, 2:].mean().item()}
+    m = {"images": n, "pairs": 4 * n, "accuracy": correct.mean().item(),
+         "matched": correct[:, :2].mean().item(), "mismatched": correct[:, 2:].mean().item()}
+    if dataset.negatives == "hard":  # text 3 is the hard mismatch, text 4 the random one
+        m["mismatched_hard"], m["mismatched_random"] = correct[:, 2].mean().item(), correct[:, 3].mean().item()
+    return m
 
 
 def evaluate_itm(model, ckpt, args, device, amp, rank, world_size):
@@ -533,7 +551,8 @@ def evaluate_itm(model, ckpt, args, device, amp, rank, world_size):
     text_only = ckpt.get("train_config", {}).get("text_only", False)
     result = {"task": "itm", "split": args.split, "world_size": world_size, "amp": amp, "metrics": {}}
     for name, blank in (("images", text_only), ("images blanked", True)):
-        dataset = data.build_dataset("pretrain", args.split, data_root, tokenizer, cfg, seed=0, text_only=blank)
+        dataset = data.build_dataset("pretrain", args.split, data_root, tokenizer, cfg, seed=0, text_only=blank,
+                                     negatives=args.negatives)
         m = itm_accuracy(model, dataset, device, amp, args.batch_size, args.max_images, args.workers, rank,
                          world_size)
         if rank == 0:
@@ -918,9 +937,12 @@ def report(result):
                 f"{result['matmul_shape'][1][1]}] matmul {result['matmul_ms']:.3f} ms, ratio "
                 f"{result['vq_lookup_over_matmul']:.2f}")
     if task == "itm":
-        rows = [[name, m["accuracy"], m["matched"], m["mismatched"]] for name, m in result["metrics"].items()]
+        hard = [k for k in ("mismatched_hard", "mismatched_random") if k in next(iter(result["metrics"].values()))]
+        rows = [[name] + [m[k] for k in ["accuracy", "matched", "mismatched", *hard]]
+                for name, m in result["metrics"].items()]
         return (f"itm {result['split']} (held-out images): {result['examples']} images x 4 texts (2 matched, "
-                f"2 mismatched captions)\n" + format_table(["", "accuracy", "matched", "mismatched"], rows))
+                f"2 mismatched captions)\n" + format_table(["", "accuracy", "matched", "mismatched",
+                                                            *[k.replace("_", " ") for k in hard]], rows))
     if task == "vd":
         return (f"vd {result['split']}: {result['tokens']} visual tokens of {result['images']} images; "
                 f"{result['entries_used']} of {result['entries']} entries used, perplexity "
@@ -954,8 +976,10 @@ def parse_args(argv=None):
     p.add_argument("--out", default="", help="folder for the JSON (and PNG, answers) files; default: beside the "
                    "checkpoint (speed without one: runs/speed)")
     p.add_argument("--source", default="", help="retrieval: coco | flickr30k (default: the checkpoint's)")
-    p.add_argument("--max-images", type=int, default=0, help="retrieval / vd: only the first N images")
+    p.add_argument("--max-images", type=int, default=0, help="retrieval / vd / itm: only the first N images")
     p.add_argument("--max-examples", type=int, default=0, help="vqa / nlvr2 / snli-ve: only the first N examples")
+    p.add_argument("--negatives", default="random", choices=["random", "hard"],
+                   help="itm: the mismatched captions (hard: the third text shares words with the image's own)")
     p.add_argument("--batch-size", type=int, default=16, help="images (examples) per CNN forward")
     p.add_argument("--pair-batch", type=int, default=0,
                    help="retrieval: image-text pairs per transformer forward (default 1024 on GPU, 256 on CPU)")
@@ -1015,6 +1039,7 @@ def main(argv=None):
                 not (args.task in ("retrieval", "itm") and trained_for == "pretrain"):
             print(f"warning: {ckpt_path} was trained for {trained_for!r}, not {args.task!r}: its {args.task} "
                   "head may be untrained", file=sys.stderr)
+        refuse_trained_split(ckpt, ckpt_path, args.task, args.split)
         out_dir = args.out or os.path.dirname(os.path.abspath(ckpt_path))
         if args.task == "retrieval":
             result = evaluate_retrieval(model, ckpt, args, device, amp, rank, world_size)
@@ -1043,9 +1068,18 @@ def main(argv=None):
                 if result["examples"] < result["of_split"]:
                     print(f"note: {answers_path} covers {result['examples']} of {result['of_split']} questions; "
                           "the test server wants all of them", file=sys.stderr)
+            if args.task == "nlvr2":
+                # the official NLVR2 scorer's predictions file: one "identifier,True" or "identifier,False" line per
+                # example, in example order (class 1 is the label "True", as in data.NLVR2Dataset)
+                result["predictions_path"] = stem + "-predictions.csv"
+                with open(result["predictions_path"], "w", encoding="utf-8") as f:
+                    f.writelines(f"{identifier},{'True' if prediction == 1 else 'False'}\n"
+                                 for identifier, prediction in result["predictions"].items())
             result["json"] = stem + ".json"
             write_json(result["json"], result)
             print(report(result))
+            if "predictions_path" in result:
+                print(f"wrote {result['predictions_path']} (the official NLVR2 scorer's predictions file)")
             print(f"wrote {result['json']}")
         barrier()
         return result

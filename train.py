@@ -4,6 +4,7 @@ GPUs.
 
     python train.py                                        # tiny preset, synthetic world, CPU, a few minutes
     python train.py --task vqa --init runs/pretrain/ckpt.pt
+    python train.py --data DIR --vocab FILE                # a vocab.txt (e.g. BERT's), weights from scratch
     torchrun --nproc_per_node 8 train.py --preset r101 --data DIR --bert DIR --resnet FILE
     torchrun --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 train.py --preset r101 ...
 
@@ -46,9 +47,12 @@ class TrainConfig:
     data: str = ""  # the --data layout (see data.py); empty: the built-in synthetic world
     out: str = ""  # run folder; empty: runs/<task>
     init: str = ""  # a pre-trained SOHO checkpoint to fine-tune from
-    bert: str = ""  # a Hugging Face BERT directory (config.json, vocab.txt, weights)
+    init_any_preset: bool = False  # allow --init from a checkpoint trained at another preset than --preset
+    bert: str = ""  # a Hugging Face BERT directory (config.json, vocab.txt, weights), or a folder with vocab.txt alone
+    vocab: str = ""  # a WordPiece vocab.txt; empty: --bert DIR's, else the --data folder's (--init: the checkpoint's)
     resnet: str = ""  # a torchvision ImageNet ResNet state dict (resnet101-*.pth)
     retrieval_source: str = "coco"  # coco | flickr30k
+    train_split: str = "train"  # the split trained on; vqa: train (train2014) | train+val (the paper, test server)
     itm_negatives: str = "random"  # pre-training mismatches: random (the paper) | hard (beyond it; leaves a text trace)
     text_only: bool = False  # the control that cannot see: every image replaced by one constant image
     # batch: `batch_per_gpu` examples per forward; gradient accumulation fills `global_batch` (examples per step)
@@ -98,16 +102,25 @@ PAPER_RECIPES = {
                     warmup_steps=500),
 }
 
-# tiny: the same recipe scaled down so that each task runs in minutes on 2 CPU cores: 2-5 epochs (not 6-40) with the
-# milestones late in the run, and smaller batches; the transformer is trained from scratch, so its AdamW rate is 5e-4.
+# tiny: the paper's recipe cannot start from ImageNet and BERT weights here (nothing is downloaded), so it trains
+# everything from scratch, and three things change (README, "Does the model look at the image?"):
+# - the ResNet gets AdamW, not SGD at 1e-2 (a rate for fine-tuning ImageNet weights: a random ResNet moves 1% in
+#   300 steps), and is never frozen (the freeze protects ImageNet features while the VD starts; there are none);
+# - pre-training runs 15 epochs of 101 steps (16 images x 4 texts): ITM sits at chance (loss ln 2) for its first
+#   ~500-600 steps and only then learns to compare text with image; the rate drops x0.1 for the last 2 epochs;
+# - fine-tuning keeps the paper's shape (few epochs, rate dropped late) with smaller batches.
+TINY_BACKBONE = dict(backbone_optimizer="adamw", weight_decay_backbone=1e-2, freeze_backbone_epochs=0)
 TINY_RECIPES = {
-    "pretrain": dict(batch_per_gpu=16, global_batch=16, epochs=3, lr_milestones=(2,), freeze_backbone_epochs=1,
-                     warmup_steps=50, lr=5e-4),
-    "retrieval": dict(batch_per_gpu=12, global_batch=12, epochs=2, lr_milestones=(1,), lr_decay=0.5,
-                      warmup_steps=20, lr=5e-4),
-    "vqa": dict(batch_per_gpu=32, global_batch=32, epochs=2, lr_milestones=(1,), warmup_steps=20, lr=5e-4),
-    "nlvr2": dict(batch_per_gpu=16, global_batch=16, epochs=4, lr_milestones=(3,), warmup_steps=20, lr=5e-4),
-    "snli-ve": dict(batch_per_gpu=32, global_batch=32, epochs=2, lr_milestones=(1,), warmup_steps=20, lr=5e-4),
+    "pretrain": dict(TINY_BACKBONE, batch_per_gpu=16, global_batch=16, epochs=15, lr_milestones=(13,),
+                     warmup_steps=50, lr=1e-3, lr_backbone=1e-3),
+    "retrieval": dict(TINY_BACKBONE, batch_per_gpu=12, global_batch=12, epochs=2, lr_milestones=(1,), lr_decay=0.5,
+                      warmup_steps=20, lr=5e-4, lr_backbone=5e-4),
+    "vqa": dict(TINY_BACKBONE, batch_per_gpu=32, global_batch=32, epochs=2, lr_milestones=(1,), warmup_steps=20,
+                lr=5e-4, lr_backbone=5e-4),
+    "nlvr2": dict(TINY_BACKBONE, batch_per_gpu=16, global_batch=16, epochs=4, lr_milestones=(3,), warmup_steps=20,
+                  lr=5e-4, lr_backbone=5e-4),
+    "snli-ve": dict(TINY_BACKBONE, batch_per_gpu=32, global_batch=32, epochs=2, lr_milestones=(1,), warmup_steps=20,
+                    lr=5e-4, lr_backbone=5e-4),
 }
 
 
@@ -158,7 +171,9 @@ def parse_args(argv=None):
     p.add_argument("--preset", default="tiny", choices=list(soho.PRESETS))
     p.add_argument("--data", default="", help="data root (see data.py); default: the synthetic world")
     p.add_argument("--init", default="", help="a pre-trained SOHO checkpoint to fine-tune from")
-    p.add_argument("--bert", default="", help="Hugging Face BERT directory (config.json, vocab.txt, weights)")
+    p.add_argument("--bert", default="", help="Hugging Face BERT directory (config.json, vocab.txt, weights); a folder "
+                   "with vocab.txt alone means BERT's vocabulary with random weights")
+    p.add_argument("--vocab", default="", help="WordPiece vocab.txt (default: --bert DIR's, else the --data folder's)")
     p.add_argument("--resnet", default="", help="torchvision ImageNet ResNet state dict, e.g. resnet101-63fe2227.pth")
     p.add_argument("--out", default="", help="run folder (default runs/<task>)")
     p.add_argument("--fresh", action="store_true", help="start over even if --out holds a checkpoint")
@@ -167,7 +182,7 @@ def parse_args(argv=None):
 
     cfg = TrainConfig(task=args.task, preset=args.preset)
     cfg = dataclasses.replace(cfg, **recipe(args.task, args.preset))
-    for name in ("data", "init", "bert", "resnet", "out"):
+    for name in ("data", "init", "bert", "vocab", "resnet", "out"):
         setattr(cfg, name, getattr(args, name))
     train_fields = {f.name: f for f in fields(TrainConfig)}
     model_fields = {f.name: f for f in fields(SOHOConfig)}
@@ -326,8 +341,10 @@ def set_learning_rates(optimizers, multiplier):
 
 
 def build_optimizers(model, cfg, task):
-    """SGD (momentum) for the ResNet, AdamW for everything else that the task trains (Sec. 4.1).
-    Biases and normalisation weights get no AdamW weight decay, as BERT."""
+    """SGD (momentum) for the ResNet, AdamW for everything else that the task trains (Sec. 4.1); with
+    backbone_optimizer="adamw" (the tiny preset, a ResNet from scratch) the ResNet gets an AdamW of its own.
+    Returns (backbone optimizer, transformer optimizer). Biases and normalisation weights get no AdamW weight
+    decay, as BERT."""
     trainable = {id(p) for p in model.task_parameters(task)}
     for p in model.parameters():
         p.requires_grad = id(p) in trainable
@@ -378,12 +395,26 @@ def save_checkpoint(path, payload):
 
 
 def load_checkpoint(path):
+    """The dict that train.py saved at `path`; a missing, unreadable or foreign file (a plain state dict, say) is a
+    SystemExit that names the file and says what it holds instead."""
     if not os.path.isfile(path):
         raise SystemExit(f"checkpoint {path} not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a truncated or foreign file: say which one
         raise SystemExit(f"{path}: not a readable checkpoint ({e})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        if isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
+            holds = f"a plain state dict of {len(ckpt)} tensors (first key {next(iter(ckpt))!r})"
+        elif isinstance(ckpt, dict):
+            holds = f"a dict with the keys {sorted(map(str, ckpt))[:12]}"
+        else:
+            holds = f"a {type(ckpt).__name__}"
+        raise SystemExit(f"{path}: not a SOHO checkpoint: it holds {holds}. A SOHO checkpoint, as train.py writes "
+                         "it, is a dict with 'model' (the state dict), 'model_config' (the SOHOConfig fields), "
+                         "'train_config', 'task' and 'vocab_path'. Weights of BERT or of a torchvision ResNet go in "
+                         "with --bert DIR and --resnet FILE") from None
+    return ckpt
 
 
 def load_model(path, device="cpu"):
@@ -505,14 +536,51 @@ def train(cfg, model_overrides, args=None):
             data.ensure_synthetic_world(data_root)
         if dist.is_initialized():
             dist.barrier()  # the other ranks wait until rank 0 has written the world
-    vocab_path = os.path.join(cfg.bert, "vocab.txt") if cfg.bert else os.path.join(data_root, "vocab.txt")
+    elif not os.path.isdir(data_root):
+        given = "--data" if cfg.data else f"the data folder of {resume_path}:"
+        raise SystemExit(f"{given} {data_root} does not exist (expected a folder in the layout of data.py's "
+                         "docstring; leave --data out for the synthetic world)")
     init_ckpt = load_checkpoint(cfg.init) if cfg.init and not ckpt else None  # read once, used three times
+    if init_ckpt:
+        init_preset = (init_ckpt.get("train_config") or {}).get("preset")
+        if init_preset and init_preset != cfg.preset and not cfg.init_any_preset:
+            raise SystemExit(f"--init {cfg.init} was trained at preset {init_preset!r}, this run is at preset "
+                             f"{cfg.preset!r}: the model would keep the checkpoint's {init_preset} architecture "
+                             f"and train with the {cfg.preset} recipe. Pass --preset {init_preset}, or "
+                             "--init_any_preset=true to fine-tune it so anyway")
+    # the vocabulary: --vocab FILE, else --bert DIR's vocab.txt, else the data folder's; a run continues with its
+    # own, and fine-tuning takes the --init checkpoint's (its word embeddings are that vocabulary's) unless --vocab
+    # says otherwise (e.g. the checkpoint came from another machine)
+    bert_weights = bool(cfg.bert) and os.path.isfile(os.path.join(cfg.bert, "config.json"))
     if ckpt:
-        vocab_path = ckpt["vocab_path"]
-    elif init_ckpt:
-        vocab_path = init_ckpt["vocab_path"]
+        vocab_path, vocab_from = ckpt["vocab_path"], f"the vocabulary of {resume_path}"
+    elif init_ckpt and not cfg.vocab:
+        vocab_path, vocab_from = init_ckpt["vocab_path"], f"the vocabulary of --init {cfg.init}"
+    elif cfg.vocab:
+        vocab_path, vocab_from = cfg.vocab, "--vocab"
+    elif cfg.bert:
+        vocab_path, vocab_from = os.path.join(cfg.bert, "vocab.txt"), "--bert"
+    else:
+        vocab_path, vocab_from = os.path.join(data_root, "vocab.txt"), "the data folder's"
     if not os.path.isfile(vocab_path):
-        raise SystemExit(f"no vocabulary at {vocab_path}: pass --bert DIR (a BERT directory with vocab.txt)")
+        raise SystemExit(f"no vocabulary at {vocab_path} ({vocab_from}): pass --vocab FILE (a WordPiece vocab.txt, "
+                         "one token per line, e.g. bert-base-uncased's) or --bert DIR (a folder with vocab.txt: a "
+                         "Hugging Face BERT directory, or vocab.txt alone for BERT's vocabulary with random weights)")
+    bert_vocab = os.path.join(cfg.bert, "vocab.txt")
+    if cfg.vocab and bert_weights and not ckpt and not cfg.init and os.path.isfile(bert_vocab):
+        with open(cfg.vocab, "rb") as a, open(bert_vocab, "rb") as b:
+            if a.read() != b.read():
+                raise SystemExit(f"--vocab {cfg.vocab} differs from {bert_vocab}, whose token ids the BERT weights "
+                                 f"of --bert {cfg.bert} were trained with: leave out --vocab")
+    if cfg.bert and not bert_weights and not ckpt and not cfg.init:
+        weights = [n for n in ("model.safetensors", "pytorch_model.bin") if os.path.isfile(os.path.join(cfg.bert, n))]
+        if weights:
+            raise SystemExit(f"--bert {cfg.bert} holds {weights[0]} but no config.json, which the weights need; "
+                             "copy BERT's config.json there (or keep vocab.txt alone for random weights)")
+        if master_process:
+            print(f"--bert {cfg.bert} holds no config.json, only vocab.txt: " + (
+                f"BERT's vocabulary ({vocab_path}), random weights" if not cfg.vocab else
+                f"random weights, and the vocabulary of --vocab {vocab_path}"))
 
     # --- model ------------------------------------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)  # the same initial weights and VD on every rank
@@ -523,14 +591,14 @@ def train(cfg, model_overrides, args=None):
     else:
         model_cfg = soho.config_from_preset(cfg.preset, **model_overrides)
     tokenizer = data.Tokenizer.from_vocab(vocab_path, model_cfg.max_text_len)
-    if not cfg.bert:
+    if not bert_weights:
         model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
     dataset = build_train_dataset(cfg, data_root, tokenizer, model_cfg)
     answers = getattr(dataset, "answer_vocab", None)  # VQA: class index -> answer string
     if task == "vqa":
         model_cfg = dataclasses.replace(model_cfg, num_answers=len(answers))
 
-    if cfg.bert and not ckpt and not cfg.init:
+    if bert_weights and not ckpt and not cfg.init:
         model = SOHO.from_pretrained(cfg.preset, bert=cfg.bert, resnet=cfg.resnet or None,
                                      **{**asdict(model_cfg), **model_overrides,
                                         "vocab_size": model_cfg.vocab_size})
@@ -584,7 +652,8 @@ def train(cfg, model_overrides, args=None):
         print(f"{task} | preset {cfg.preset} | {soho.count_parameters(model) / 1e6:.1f}M parameters | "
               f"{world_size} process(es) on {device.type} | amp {amp}\n"
               f"global batch {cfg.global_batch} = {cfg.batch_per_gpu} per process x {world_size} x {accum} "
-              f"accumulation step(s) | {len(dataset)} examples, {steps_per_epoch} steps/epoch, {total_steps} steps"
+              f"accumulation step(s) | split {cfg.train_split}: {len(dataset)} examples, {steps_per_epoch} "
+              f"steps/epoch, {total_steps} steps"
               + (f" | resuming at step {step}" if ckpt else ""))
 
     def checkpoint_payload():
@@ -707,7 +776,7 @@ def build_train_dataset(cfg, data_root, tokenizer, model_cfg):
         opts["source"] = cfg.retrieval_source
     if cfg.task == "pretrain":
         opts["negatives"] = cfg.itm_negatives
-    return data.build_dataset(cfg.task, "train", data_root, tokenizer, model_cfg, **opts)
+    return data.build_dataset(cfg.task, cfg.train_split, data_root, tokenizer, model_cfg, **opts)
 
 
 def heldout_itm(model, cfg, data_root, tokenizer, model_cfg, device, amp, rank, world_size):

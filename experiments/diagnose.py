@@ -177,7 +177,8 @@ def main():
             V, valid, _ = model.encode(batch["images"], batch["image_mask"])
             h = model.visual_dictionary.lookup(V)[0][valid]
         print(f"5. VD entries used by {int(valid.sum())} held-out tokens: {len(h.unique())} of {cfg.vd_size} "
-              f"(the world has {len(SYNTH_COLORS) * len(SYNTH_SHAPES)} colour-shape kinds and 3 backgrounds)")
+              f"(the world has {len(SYNTH_COLORS) * len(SYNTH_SHAPES)} colour-shape kinds and "
+              f"{len(data.SYNTH_BACKGROUNDS)} backgrounds)")
 
 
 if __name__ == "__main__":

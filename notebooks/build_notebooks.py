@@ -377,9 +377,13 @@ ax2.set_xlabel("update"); ax2.set_ylabel("mean ||v - f(v)||^2"); ax2.set_title("
 plt.tight_layout()
 '''),
     md('''
-Most of the random entries are never chosen: they lie far from every feature. This is the cold start the
-paper handles by freezing the ResNet for the first epochs (`freeze_backbone_epochs`), so the chosen entries can
-settle before the encoder's gradient depends on them.
+Most of the random entries are never chosen: they lie far from every feature, and Eq. 4 moves only chosen
+entries, so they stay dead for good. The paper freezes the ResNet for the first epochs
+(`freeze_backbone_epochs`) so that the chosen entries can settle, but that does not revive the others. Beyond
+the paper, `soho.py` offers two remedies from the VQ literature: `vd_init="features"` starts the entries from a
+k-means of the first step's features (`kmeans_init`; the tiny preset's default), and `vd_restart_after=N`
+moves an entry unused for N updates onto a current feature (`restart_dead_entries`). The README's "Differences"
+table gives their measured use of the entries and why the tiny preset starts from features but does not restart.
 
 ## What this notebook claims
 '''),
@@ -744,8 +748,9 @@ NOTEBOOKS["08_eq8_itm"] = [
 
 $\phi$ is `SOHO.itm_head`, a linear layer on the pooled [CLS] state; `SOHO.pretrain_losses` returns the ITM term
 and `SOHO.itm_scores` the per-pair $\log p(y = 1)$. Each image of a pre-training batch comes with four texts:
-two of its captions ($y = 1$), a "hard" caption of another image that shares words with a matched one, and a
-random one ($y = 0$).
+two of its captions ($y = 1$) and two captions of random other images ($y = 0$). A random caption is distributed
+exactly like a matched one, so only the image can tell them apart (the "hard" negatives of
+`itm_negatives="hard"` are not: a model that never sees the image learns to spot them by their wording).
 '''),
     SETUP,
     code('''

@@ -48,10 +48,15 @@ def shard(batch, rank, world_size):
                 img_index=batch["img_index"][txts] - rank * per)
 
 
-def run(rank, world_size):
-    """Returns (first-step gradients, final parameters, final VD) of STEPS pre-training steps."""
+def run(rank, world_size, vd_options=False):
+    """Returns (first-step gradients, final parameters, final VD) of STEPS pre-training steps. vd_options: with the
+    dictionary options beyond the paper (k-means start from the first step's features, restarts after 1 idle
+    update), whose draws must be the same on every rank."""
     torch.manual_seed(0)
-    cfg = replace(soho.PRESETS["tiny"], dropout=0.0, backbone_bn="frozen", mvm_prob=0.0, vd_gamma=0.5)
+    cfg = replace(soho.PRESETS["tiny"], dropout=0.0, backbone_bn="frozen", mvm_prob=0.0, vd_gamma=0.5,
+                  vd_init="random", vd_restart_after=0)
+    if vd_options:
+        cfg = replace(cfg, vd_init="features", vd_restart_after=1)
     model = soho.SOHO(cfg)
     tcfg = train.TrainConfig(lr=1e-3, lr_backbone=1e-2)
     sgd, adamw = train.build_optimizers(model, tcfg, "pretrain")
@@ -78,5 +83,7 @@ def run(rank, world_size):
 if __name__ == "__main__":
     rank, world_size, _, _ = train.setup_distributed()
     grads, params, vd = run(rank, world_size)
-    torch.save({"grads": grads, "params": params, "vd": vd}, os.path.join(sys.argv[1], f"rank{rank}.pt"))
+    _, _, vd_options = run(rank, world_size, vd_options=True)
+    torch.save({"grads": grads, "params": params, "vd": vd, "vd_options": vd_options},
+               os.path.join(sys.argv[1], f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()

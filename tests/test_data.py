@@ -259,7 +259,21 @@ def test_ensure_synthetic_world_is_a_noop_when_present(tmp_path):
     (tmp_path / "other" / "file").write_text("x")
     with pytest.raises(data.DataError, match="other"):
         data.ensure_synthetic_world(str(tmp_path / "other"))
-    assert data.default_data_root().endswith(os.path.join("data", "synthetic"))
+    assert data.default_data_root().endswith(os.path.join("data", f"synthetic-v{data.SYNTH_VERSION}"))
+    # a world written by another version of the writer is named, not silently reused
+    with open(manifest) as f:
+        old = json.load(f)
+    with open(manifest, "w") as f:
+        json.dump({**old, "format_version": data.SYNTH_VERSION - 1}, f)
+    with pytest.raises(data.DataError, match=f"version {data.SYNTH_VERSION - 1}.*remove the folder"):
+        data.ensure_synthetic_world(root)
+
+
+def test_every_synthetic_caption_names_its_background(world):
+    coco = json.load(open(os.path.join(world, "coco", "dataset_coco.json")))["images"]
+    for image in coco:
+        for s in image["sentences"]:
+            assert any(f"{bg} background" in s["raw"].lower() for bg in data.SYNTH_BACKGROUNDS), s["raw"]
 
 
 # ---- pre-training ----
@@ -303,7 +317,7 @@ def test_pretrain_batches(world, tok):
 
 
 def test_pretrain_hard_negative_shares_words(world, tok):
-    ds = data.build_dataset("pretrain", "train", world, tok, SMALL, seed=0)
+    ds = data.build_dataset("pretrain", "train", world, tok, SMALL, seed=0, negatives="hard")
     hard = random_ = 0
     for i in range(len(ds)):
         e = ds[i]
@@ -311,6 +325,68 @@ def test_pretrain_hard_negative_shares_words(world, tok):
         hard += len(words & data.content_words(e["texts"][2]))
         random_ += len(words & data.content_words(e["texts"][3]))
     assert hard > 1.5 * random_
+
+
+def test_pretrain_negatives_are_random_captions_by_default(world, tok):
+    """The paper's negatives: both mismatched texts are captions of random other images, so their words overlap a
+    matched caption no more than each other's do (the hard ones overlap far more, see the test above)."""
+    ds = data.build_dataset("pretrain", "train", world, tok, SMALL, seed=0)
+    assert ds.negatives == "random"
+    overlap = [0, 0]
+    for i in range(len(ds)):
+        e = ds[i]
+        words = data.content_words(e["texts"][0])
+        for k in (2, 3):
+            overlap[k - 2] += len(words & data.content_words(e["texts"][k]))
+    assert 0.7 < overlap[0] / overlap[1] < 1.4
+
+
+def test_training_and_evaluation_sets_are_disjoint(world, tok):
+    """No evaluation scores an example the model trained on: per task, the default training split and each
+    evaluation split share no image (no question, no sentence pair)."""
+    def images(ds):
+        return {os.path.realpath(ds.paths[i]) for i in range(len(ds.paths))}
+
+    pretrain = data.build_dataset("pretrain", "train", world, tok, SMALL, seed=0)
+    for split in ("val", "test"):
+        held_out = data.build_dataset("pretrain", split, world, tok, SMALL, seed=0)
+        assert len(held_out) and not images(pretrain) & images(held_out)
+        e = held_out[0]  # held-out pairs are scored as they are: nothing masked, nothing to predict
+        assert e["texts"][0] in held_out.captions_of(0) and e["texts"][2] not in held_out.captions_of(0)
+        assert all(t != tok.mask_id for ids in e["input_ids"] for t in ids)
+        assert all(label == -100 for row in e["mlm_labels"] for label in row)
+    for source in ("coco", "flickr30k"):
+        train = data.build_dataset("retrieval", "train", world, tok, SMALL, source=source)
+        for split in ("val", "test"):
+            assert not images(train) & images(data.build_dataset("retrieval", split, world, tok, SMALL, source=source))
+    vqa_train = data.build_dataset("vqa", "train", world, tok, SMALL, min_answer_count=1)
+    vqa_val = data.build_dataset("vqa", "val", world, tok, SMALL, answer_vocab=vqa_train.answer_vocab)
+    assert not set(vqa_train.question_ids.tolist()) & set(vqa_val.question_ids.tolist())
+    assert not images(vqa_train) & images(vqa_val)
+    # the paper's train+val holds val: evaluate.py refuses to score val with such a model (data.TRAINED_ON)
+    both = data.build_dataset("vqa", "train+val", world, tok, SMALL, min_answer_count=1)
+    assert set(vqa_val.question_ids.tolist()) <= set(both.question_ids.tolist())
+    assert data.TRAINED_ON[("vqa", "train+val")] == {"val"}
+    nlvr2 = data.build_dataset("nlvr2", "train", world, tok, SMALL)
+    nlvr2_images = {os.path.realpath(p) for ds in [nlvr2] for i in range(len(ds)) for p in (ds.left[i], ds.right[i])}
+    for split in ("dev", "test1"):
+        other = data.build_dataset("nlvr2", split, world, tok, SMALL)
+        assert not nlvr2_images & {os.path.realpath(p) for i in range(len(other)) for p in (other.left[i], other.right[i])}
+        assert not {nlvr2.identifiers[i] for i in range(len(nlvr2))} & {other.identifiers[i] for i in range(len(other))}
+    snli = data.build_dataset("snli-ve", "train", world, tok, SMALL)
+    for split in ("dev", "test"):
+        assert not images(snli) & images(data.build_dataset("snli-ve", split, world, tok, SMALL))
+
+
+def test_text_only_control_sees_one_constant_image(world, tok):
+    ds = data.build_dataset("pretrain", "train", world, tok, SMALL, seed=0, text_only=True)
+    batch = ds.collate([ds[i] for i in range(4)])
+    assert (batch["images"] == 0).all() and batch["image_mask"].all()
+    assert batch["images"].shape[-2:] == (SMALL.image_short, SMALL.image_short)
+    real = data.build_dataset("pretrain", "train", world, tok, SMALL, seed=0)
+    assert real[0]["texts"] == ds[0]["texts"] and real[0]["input_ids"] == ds[0]["input_ids"]  # only images differ
+    vqa = data.build_dataset("vqa", "val", world, tok, SMALL, text_only=True, min_answer_count=1)
+    assert (vqa[0]["image"] == 0).all()
 
 
 def test_pretrain_reads_coco_and_vg_without_leakage(tmp_path, hand_tok):
@@ -421,7 +497,7 @@ def test_answer_vocabulary_counts_distinct_questions():
 
 
 def test_vqa_dataset(world, tok):
-    train = data.build_dataset("vqa", "train", world, tok, SMALL, min_answer_count=1)
+    train = data.build_dataset("vqa", "train+val", world, tok, SMALL, min_answer_count=1)
     n_train = len(json.load(open(os.path.join(world, "vqa", "v2_OpenEnded_mscoco_train2014_questions.json")))["questions"])
     n_val = len(json.load(open(os.path.join(world, "vqa", "v2_OpenEnded_mscoco_val2014_questions.json")))["questions"])
     assert len(train) == n_train + n_val
@@ -540,9 +616,9 @@ def test_missing_files_are_named(tmp_path, hand_tok):
     root = str(tmp_path)
     with pytest.raises(data.DataError, match=r"nlvr2 dev: missing .*nlvr2.dev\.json"):
         data.build_dataset("nlvr2", "dev", root, hand_tok, SMALL)
-    with pytest.raises(data.DataError, match=r"vqa train: missing .*v2_OpenEnded_mscoco_train2014_questions\.json.*"
+    with pytest.raises(data.DataError, match=r"vqa train\+val: missing .*v2_OpenEnded_mscoco_train2014_questions\.json.*"
                                              r"v2_mscoco_val2014_annotations\.json.*coco.train2014"):
-        data.build_dataset("vqa", "train", root, hand_tok, SMALL)
+        data.build_dataset("vqa", "train+val", root, hand_tok, SMALL)
     with pytest.raises(data.DataError, match=r"dataset_coco\.json.*region_descriptions\.json"):
         data.build_dataset("pretrain", "train", root, hand_tok, SMALL)
     with pytest.raises(data.DataError, match=r"dataset_flickr30k\.json"):

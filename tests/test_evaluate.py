@@ -268,6 +268,31 @@ def test_nlvr2_and_snli_ve_run(vqa_checkpoint, tmp_path):
     assert ve["examples"] == 6 and set(evaluate.SNLI_VE_CLASSES) <= set(ve["metrics"])
 
 
+def test_vqa_val_is_refused_for_a_model_trained_on_val(vqa_checkpoint, tmp_path):
+    ckpt = torch.load(vqa_checkpoint, weights_only=False)
+    ckpt["train_config"]["train_split"] = "train+val"
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    with pytest.raises(SystemExit, match="trained on the vqa split 'train\\+val', which holds 'val'"):
+        evaluate.main(["--task", "vqa", "--checkpoint", str(tmp_path / "ckpt.pt"), *QUICK])
+    # the same model may still write the test server's file
+    result = evaluate.main(["--task", "vqa", "--split", "test-dev", "--checkpoint", str(tmp_path / "ckpt.pt"),
+                            "--max-examples", "3", *QUICK])
+    assert result["examples"] == 3
+
+
+def test_heldout_itm_counts_each_pair_once_and_blanks_the_images(world, tmp_path):
+    model, _ = tiny_model(world, 10)
+    path = save_checkpoint(tmp_path / "ckpt.pt", model, world, "pretrain")
+    result = evaluate.main(["--task", "itm", "--checkpoint", path, *QUICK])
+    n_val = sum(r["split"] == "val" for r in read_json(os.path.join(world, "coco", "dataset_coco.json"))["images"])
+    assert result["examples"] == result["of_split"] == n_val
+    for name in ("images", "images blanked"):
+        m = result["metrics"][name]
+        assert m["pairs"] == 4 * n_val
+        assert m["accuracy"] == pytest.approx((m["matched"] + m["mismatched"]) / 2)
+    assert "itm val (held-out images)" in evaluate.report(result)
+
+
 def test_missing_checkpoint_names_the_train_command(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match="python train.py --task vqa --init runs/pretrain/ckpt.pt"):

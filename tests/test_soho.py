@@ -123,6 +123,65 @@ def test_visual_dictionary_accumulates_micro_steps_into_one_update():
     assert vd.pending_counts.sum().item() == 0
 
 
+# ---- dead entries: the options beyond the paper -----------------------------------------------------------------
+
+
+def naive_lloyd(features, d, iterations):
+    """k-means by loops in float64: assign each feature to its nearest entry, move each chosen entry to the mean."""
+    d = [[float(x) for x in row] for row in d]
+    for _ in range(iterations):
+        h = naive_nearest(features, torch.tensor(d, dtype=torch.float64)).tolist()
+        for j in range(len(d)):
+            members = [features[i].tolist() for i in range(len(h)) if h[i] == j]
+            if members:
+                d[j] = [sum(col) / len(members) for col in zip(*members)]
+    return torch.tensor(d, dtype=torch.float64)
+
+
+def test_kmeans_init_matches_naive_lloyd_and_keeps_its_input():
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    before = features.clone()
+    d = soho.kmeans_init(features, 5, torch.Generator().manual_seed(1), iterations=3)
+    start = features[torch.randperm(40, generator=torch.Generator().manual_seed(1))[:5]]
+    torch.testing.assert_close(d, naive_lloyd(features, start, 3))
+    assert torch.equal(features, before)
+    # fewer features than entries: entries repeat features, nothing fails
+    assert soho.kmeans_init(features[:3], 8, torch.Generator().manual_seed(0)).shape == (8, 3)
+
+
+def test_restart_dead_entries_moves_only_idle_entries_onto_features():
+    d, idle = torch.randn(6, 4), torch.tensor([0, 5, 2, 7, 0, 3])
+    features = torch.randn(9, 4)
+    d_before, idle_before = d.clone(), idle.clone()
+    new_d, new_idle = soho.restart_dead_entries(d, idle, features, 3, torch.Generator().manual_seed(0))
+    dead = idle >= 3
+    assert torch.equal(new_d[~dead], d[~dead]) and torch.equal(new_idle[~dead], idle[~dead])
+    assert (new_idle[dead] == 0).all()
+    for row in new_d[dead]:
+        assert any(torch.equal(row, f) for f in features)
+    assert torch.equal(d, d_before) and torch.equal(idle, idle_before)  # pure: the inputs are untouched
+
+
+def test_visual_dictionary_options_use_its_entries():
+    """Features far from the N(0, 1) start: the paper's dictionary picks a handful of entries and keeps the rest
+    dead; the k-means start and the restarts put the entries where the features are."""
+    torch.manual_seed(0)
+    centres = 5 + torch.randn(32, 8)
+    used = {}
+    for init, restart in (("random", 0), ("features", 0), ("features", 2)):
+        torch.manual_seed(1)
+        vd = soho.VisualDictionary(32, 8, gamma=0.9, init=init, restart_after=restart)
+        for step in range(6):
+            v = centres[torch.randint(32, (200,))] + 0.05 * torch.randn(200, 8)
+            vd.accumulate(v, vd.lookup(v)[0])
+            counts = vd.update()
+        used[(init, restart)] = int((counts > 0).sum())
+        assert vd.pending_features is None and vd.pending_counts.sum() == 0
+    assert used[("random", 0)] <= 8
+    assert used[("features", 0)] >= 16 and used[("features", 2)] >= used[("features", 0)]
+
+
 # ---- Eq. 5: straight-through -----------------------------------------------------------------------------------
 
 

@@ -78,6 +78,10 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     for name, p in params.items():
         assert torch.equal(r0["params"][name], r1["params"][name]), name
         torch.testing.assert_close(r0["params"][name], p, rtol=1e-4, atol=1e-5, msg=name)
+    # the options beyond the paper draw features from all ranks: still bit-identical across ranks, and not the
+    # random start (the k-means start and the restarts did happen)
+    assert torch.equal(r0["vd_options"], r1["vd_options"])
+    assert not torch.allclose(r0["vd_options"], r0["vd"])
 
 
 # ---- checkpoints -------------------------------------------------------------------------------------------------
