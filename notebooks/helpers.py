@@ -167,10 +167,11 @@ def to_rgb(x, basis, ref=None):
 
 
 def entry_colors(h, used):
-    """A distinct colour for each entry in `used` (sorted), looked up for the indices h."""
+    """A distinct colour for each entry in `used` (sorted), looked up for the indices h; transparent for an index
+    not in `used` (e.g. the entry that only padding tokens choose, when `used` comes from the real tokens)."""
     cmap = plt.get_cmap("tab20")
     order = {int(j): i for i, j in enumerate(sorted(int(u) for u in used))}
-    return [(*cmap(order[int(j)] % 20)[:3], 0.45) for j in h]
+    return [(*cmap(order[int(j)] % 20)[:3], 0.45) if int(j) in order else (0, 0, 0, 0) for j in h]
 
 
 def cells(img, grid, cell=64):

@@ -1,6 +1,7 @@
 """The read-along notebooks (notebooks/*.ipynb): each runs from a clean state without error (its closing cells
-assert what it claims), is committed with its outputs, stays small, and agrees with its generator,
-notebooks/build_notebooks.py. Needs the test-only extras nbformat, nbclient and ipykernel (requirements-dev.txt).
+assert what it claims), is committed with its outputs, stays small, and agrees with its source, the percent-format
+script next to it (notebooks/NN_*.py, built with notebooks/build_notebooks.py). Needs the test-only extras
+nbformat, nbclient, ipykernel and jupytext (requirements-dev.txt).
 
 All notebooks share one fresh cache folder per test session (the synthetic world, the tiny pre-trained model),
 as `python notebooks/build_notebooks.py` does; a notebook run alone makes them itself.
@@ -15,6 +16,7 @@ import pytest
 nbformat = pytest.importorskip("nbformat")
 pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
+jupytext = pytest.importorskip("jupytext")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK_DIR = os.path.join(REPO, "notebooks")
@@ -27,6 +29,7 @@ EXPECTED = [
     "09_eq9_pretraining_objective", "10_downstream_end_to_end", "11_visual_dictionary_pictures",
 ]
 PATHS = [os.path.join(NOTEBOOK_DIR, name + ".ipynb") for name in EXPECTED]
+SCRIPTS = [os.path.join(NOTEBOOK_DIR, name + ".py") for name in EXPECTED]
 ids = [name[:2] for name in EXPECTED]
 
 
@@ -45,6 +48,8 @@ def notebook_cache(tmp_path_factory):
 def test_one_notebook_per_equation_and_nothing_else():
     found = sorted(os.path.basename(p)[:-len(".ipynb")] for p in glob.glob(os.path.join(NOTEBOOK_DIR, "*.ipynb")))
     assert found == EXPECTED
+    scripts = sorted(os.path.basename(p)[:-len(".py")] for p in glob.glob(os.path.join(NOTEBOOK_DIR, "[0-9]*.py")))
+    assert scripts == EXPECTED, "one script per notebook, named like it"
     assert list(build_notebooks.NOTEBOOKS) == EXPECTED
 
 
@@ -62,12 +67,13 @@ def test_notebook_is_committed_with_outputs_and_small(path):
     assert first.cell_type == "markdown" and "> \"" in first.source, "the paper's sentence goes at the top"
 
 
-@pytest.mark.parametrize("path", PATHS, ids=ids)
-def test_notebook_agrees_with_its_generator(path):
-    """The .ipynb is what build_notebooks.py writes: edit the generator, not the notebook."""
+@pytest.mark.parametrize("path,script", list(zip(PATHS, SCRIPTS)), ids=ids)
+def test_notebook_agrees_with_its_script(path, script):
+    """The .ipynb is its script (notebooks/NN_*.py) as build_notebooks.py writes it: edit the script, not the
+    notebook. Same cells, of the same types, with the same sources."""
     nb = nbformat.read(path, as_version=4)
+    expected = jupytext.read(script, fmt="py:percent")
     name = os.path.basename(path)[:-len(".ipynb")]
-    expected = build_notebooks.make_notebook(build_notebooks.NOTEBOOKS[name])
     assert [(c.cell_type, c.source) for c in nb.cells] == [(c.cell_type, c.source) for c in expected.cells], \
         f"{name}: out of date, run `python notebooks/build_notebooks.py {name[:2]}`"
 
