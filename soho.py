@@ -77,10 +77,11 @@ PRESETS = {
     # and a pre-training step of 16 images x 4 texts takes about a quarter of a second on 2 CPU cores. Nothing was
     # pre-trained on ImageNet, so the ResNet trains its BatchNorm statistics and starts each block as the identity
     # (zero_init_residual), and the VD starts from the first step's features (vd_init="features"): the paper's
-    # N(0, 1) start leaves all but 8 of 128 entries dead here (README, "Differences").
+    # N(0, 1) start leaves all but 8 of 128 entries dead here (README, "Differences"). No dropout: in a few
+    # minutes of training from scratch it only slows learning (held-out ITM 0.87 with 0.1, 0.91 without).
     "tiny": SOHOConfig(
         resnet_depth=18, resnet_width=16, backbone_bn="train", zero_init_residual=True, vd_size=128,
-        vd_init="features",
+        vd_init="features", dropout=0.0,
         hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512, vocab_size=1000,
         max_position_embeddings=64, max_text_len=24, num_answers=100, image_short=256, image_long=384,
     ),

@@ -14,6 +14,8 @@ Each line answers one suspected cause with a number, on held-out data:
 3. attention: the share of [CLS]'s attention that goes to visual tokens, per layer, on held-out pairs.
 4. gradients: the norm of the ITM loss's gradient at the ResNet, the projection and the transformer.
 5. the VD: entries in use on held-out images, against the 30 colour-shape kinds of the world.
+6. what ITM reads: held-out mismatched captions split by whether they name the image's own background (every
+   synthetic caption names one): a model that sees only the scene catches none of the same-background ones.
 With --init the same model is measured at its initialisation (same seed and config), to tell what training did.
 """
 
@@ -144,6 +146,30 @@ def itm_gradients(model, batch):
     return result
 
 
+def background_of(text):
+    words = set(text.lower().replace(".", " ").split())
+    named = [bg for bg in data.SYNTH_BACKGROUNDS if bg in words]
+    return named[0] if len(named) == 1 else None
+
+
+@torch.no_grad()
+def mismatches_by_background(model, ckpt, cfg, n_images=250):
+    """Held-out ITM accuracy on mismatched captions that name another background / the image's own."""
+    tok = data.Tokenizer.from_vocab(ckpt["vocab_path"], cfg.max_text_len)
+    ds = data.build_dataset("pretrain", "val", ckpt["data_root"], tok, cfg, seed=0)
+    hits = {"other background": [0, 0], "same background": [0, 0]}
+    for start in range(0, min(n_images, len(ds)), 16):
+        batch = ds.collate([ds[i] for i in range(start, min(start + 16, n_images, len(ds)))])
+        correct = model.pretrain_itm_logits(batch).argmax(-1) == batch["itm_label"]
+        for row, text in enumerate(batch["texts"]):
+            own = background_of(batch["texts"][row - row % 4])  # the image's first matched caption
+            if batch["itm_label"][row] == 0 and own and background_of(text):
+                kind = "same background" if background_of(text) == own else "other background"
+                hits[kind][0] += int(correct[row])
+                hits[kind][1] += 1
+    return {k: (c / max(n, 1), n) for k, (c, n) in hits.items()}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="runs/pretrain/ckpt.pt")
@@ -179,6 +205,10 @@ def main():
         print(f"5. VD entries used by {int(valid.sum())} held-out tokens: {len(h.unique())} of {cfg.vd_size} "
               f"(the world has {len(SYNTH_COLORS) * len(SYNTH_SHAPES)} colour-shape kinds and "
               f"{len(data.SYNTH_BACKGROUNDS)} backgrounds)")
+
+    split = mismatches_by_background(model, ckpt, cfg)
+    print("6. held-out mismatched captions caught: " + ", ".join(f"naming {k.split()[0]} background {a:.3f} "
+                                                               f"({n} captions)" for k, (a, n) in split.items()))
 
 
 if __name__ == "__main__":
