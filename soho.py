@@ -219,11 +219,13 @@ def ema_update(dictionary, v, h, gamma):
         d_j <- gamma * d_j + (1 - gamma) * ( sum_{h_i = j} v_i ) / |f^{-1}(j)|,   only when |f^{-1}(j)| != 0
 
     dictionary: [k, c], v: [N, c] features (no gradient is taken), h: [N] long from Eq. 2, gamma in [0, 1].
-    Returns the new dictionary [k, c]; entries that no feature chose are returned unchanged. Under
-    torch.distributed the per-entry sums and counts are all-reduced first, so all ranks apply the same update.
+    Returns the new dictionary [k, c]; entries that no feature chose are returned unchanged.
+
+    This is the single-process statement, literally the two steps that training takes: assignment_statistics,
+    then ema_update_from_statistics. VisualDictionary.update puts all_reduce_statistics between them, so that
+    every rank applies Eq. 4 to the statistics of the global batch; there is no collective in here.
     """
     sums, counts = assignment_statistics(v, h, dictionary.shape[0])
-    sums, counts = all_reduce_statistics(sums, counts)
     return ema_update_from_statistics(dictionary, sums, counts, gamma)
 
 

@@ -84,7 +84,8 @@ def report(path):
     nan = float("nan")
     for r in pre:
         f = r["final"]
-        lines.append(f"| {r['key'].split('/')[1]} | {r['minutes']:.1f} | {f.get('mlm_acc', 0):.2f} | "
+        minutes = "given" if r.get("checkpoint") else f"{r['minutes']:.1f}"
+        lines.append(f"| {r['key'].split('/')[1]} | {minutes} | {f.get('mlm_acc', 0):.2f} | "
                      f"{f.get('mvm_acc', nan):.2f} | {f.get('heldout_itm_acc', nan):.3f} "
                      f"({f.get('heldout_itm_matched_acc', nan):.3f} / {f.get('heldout_itm_mismatched_acc', nan):.3f}) | "
                      f"{f.get('vd_used', nan):.3f} | {f.get('vd_ppl', nan):.1f} |")
@@ -99,6 +100,8 @@ def main():
     p.add_argument("--pretrainings", default=",".join(PRETRAININGS), help="which of " + ",".join(PRETRAININGS))
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--pretrain-args", default="", help='extra train.py flags for pre-training, e.g. "--epochs=10"')
+    p.add_argument("--pretrained", default="", help="use this checkpoint of the default pre-training (e.g. "
+                   "runs/pretrain/ckpt.pt from `python train.py`) as vd128 instead of pre-training again")
     p.add_argument("--report", action="store_true", help="print the tables of what <out>/results.jsonl holds")
     args = p.parse_args()
     if args.report:
@@ -113,7 +116,12 @@ def main():
         if init != "scratch":
             run = os.path.join(args.out, f"pretrain-{init}")
             ckpt = os.path.join(run, "ckpt.pt")
-            if f"pretrain/{init}" not in done:
+            if init == "vd128" and args.pretrained:
+                ckpt = args.pretrained
+                if f"pretrain/{init}" not in done:
+                    final = train.load_checkpoint(ckpt)["metrics"]
+                    record(results, f"pretrain/{init}", minutes=None, final=final, checkpoint=ckpt)
+            elif f"pretrain/{init}" not in done:
                 t0 = time.time()
                 # the tiny default recipe, as `python train.py`, unless --pretrain-args says otherwise
                 m = train.main(["--out", run, *PRETRAININGS[init], *args.pretrain_args.split()])

@@ -61,7 +61,7 @@ def main():
         for k in SIZES:
             if (choice, k) in done:
                 continue
-            run = os.path.join(args.out, f"{flags[0][11:]}-{flags[1][19:]}-k{k}")
+            run = os.path.join(args.out, f"{flags[0][10:]}-{flags[1][19:]}-k{k}")
             m = train.main(["--out", run, "--fresh", f"--vd_size={k}", f"--max_steps={args.steps}", *flags])
             with open(results, "a") as f:
                 f.write(json.dumps({"choice": choice, "k": k, "steps": args.steps, "vd_used": m["vd_used"],

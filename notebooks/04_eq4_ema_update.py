@@ -9,8 +9,10 @@
 #
 # In `soho.py` this is `ema_update(dictionary, v, h, gamma)`: it returns a new dictionary and leaves the entries
 # that no feature chose as they were. The dictionary gets no gradient; Eq. 4 is the only thing that changes it.
-# `train.py` applies it once per optimizer step (`VisualDictionary.accumulate` per forward, then `update`), with
-# the model's `vd_gamma` = 0.9.
+# `ema_update` is literally two steps, `assignment_statistics` (the per-entry sums and counts) and then
+# `ema_update_from_statistics`, and those are the two functions training calls: `VisualDictionary.accumulate`
+# adds the statistics of each forward, and `update`, once per optimizer step, all-reduces them over the ranks
+# (`all_reduce_statistics`, the only collective) and applies Eq. 4 with the model's `vd_gamma` = 0.9.
 
 # %%
 import math

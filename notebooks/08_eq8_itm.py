@@ -53,7 +53,7 @@ print(f"L_ITM = {itm0.mean:.3f} (ln 2 = {math.log(2):.3f}), {int(itm0.correct)} 
 
 # %% [markdown]
 # One minute of pre-training is not enough to learn ITM on this world ($L_{ITM} \approx \ln 2$). To watch Eq. 8 at
-# work, we minimise it alone on this one batch for 30 steps: the classifier learns to tell this batch's pairs
+# work, we minimise it alone on this one batch for 60 steps: the classifier learns to tell this batch's pairs
 # apart (mostly by memorising its captions, which is all one batch can teach).
 
 # %%
@@ -62,7 +62,7 @@ model.train()
 trainable = [p for n, p in model.named_parameters() if not n.startswith("backbone")]
 optimizer = torch.optim.AdamW(trainable, lr=1e-3)
 curve = []
-for step in range(30):
+for step in range(60):
     itm = model.pretrain_losses(batch)["itm"]  # Eq. 8 as a LossTerm: summed -log p(y | phi), count, correct
     optimizer.zero_grad()
     itm.mean.backward()
