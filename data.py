@@ -656,7 +656,7 @@ def read_snli_ve(jsonl_path, flickr_image_dir):
 
 # ---- Datasets ----
 # Map-style datasets (so DistributedSampler shards them and DataLoader workers share them). __getitem__ decodes,
-# resizes and tokenizes one example; the `collate` method pads a list of them into the batch of the contract.
+# resizes and tokenizes one example; the `collate` method pads a list of them into a batch (the keys: see each collate).
 # Randomness (captions drawn, negatives, MLM masks) comes from a per-example generator: seeded from
 # (seed, epoch, index) when a seed is given, so a run is the same whatever the number of workers or ranks (call
 # set_epoch every epoch, like DistributedSampler's); with seed=None from torch's global generator, which the
@@ -815,7 +815,7 @@ class PretrainDataset(ImageTextDataset):
         }
 
     def collate(self, examples):
-        """The pre-training batch of the contract; rows 4i..4i+3 are the texts of image i: matched, matched,
+        """The pre-training batch; rows 4i..4i+3 are the texts of image i: matched, matched,
         mismatched (the hard one with negatives="hard"), mismatched (random)."""
         examples, skipped = _kept(examples)
         if not examples:

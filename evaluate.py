@@ -55,7 +55,7 @@ RUN_OF_TASK = {"retrieval": "retrieval", "vqa": "vqa", "nlvr2": "nlvr2", "snli-v
 SNLI_VE_CLASSES = sorted(data.SNLI_VE_LABELS, key=data.SNLI_VE_LABELS.get)  # index = class id
 
 # ----------------------------------------------------------------------------------------------------------------
-# 1. Metrics: plain functions of scores and labels, no model (formats.md has the official definitions)
+# 1. Metrics: plain functions of scores and labels, no model (the official definitions of each data set)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -613,8 +613,8 @@ def random_images(n, size, device, generator):
 
 
 def synthetic_pretrain_batch(cfg, n_images, size, text_len, device, seed=0):
-    """A pre-training batch of the contract's format with random content: n_images images x 4 texts (2 matched,
-    2 mismatched), 15% of the matched texts' tokens as MLM targets."""
+    """A pre-training batch (the keys of data.PretrainDataset.collate) with random content: n_images images x 4
+    texts (2 matched, 2 mismatched), 15% of the matched texts' tokens as MLM targets."""
     g = torch.Generator().manual_seed(seed)
     images, image_mask = random_images(n_images, size, "cpu", g)
     ids = torch.randint(5, cfg.vocab_size, (4 * n_images, text_len), generator=g)

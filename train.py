@@ -312,7 +312,7 @@ def downstream_loss(task, logits, batch):
         return loss, {"loss": (loss.detach(), 1), "pair_acc": ((flat.argmax(1) == labels).sum(), t * t),
                       "batch_r1": (top1.sum(), t)}
     if task == "vqa":
-        # BCE with soft scores, times the number of answers (formats.md), i.e. summed over answers
+        # BCE with soft scores, times the number of answers (as the official code), i.e. summed over answers
         targets = batch["targets"]
         loss = F.binary_cross_entropy_with_logits(logits.float(), targets) * targets.shape[1]
         score = targets.gather(1, logits.argmax(1, keepdim=True)).sum()  # the VQA score of the top answer
@@ -541,46 +541,8 @@ def train(cfg, model_overrides, args=None):
         raise SystemExit(f"{given} {data_root} does not exist (expected a folder in the layout of data.py's "
                          "docstring; leave --data out for the synthetic world)")
     init_ckpt = load_checkpoint(cfg.init) if cfg.init and not ckpt else None  # read once, used three times
-    if init_ckpt:
-        init_preset = (init_ckpt.get("train_config") or {}).get("preset")
-        if init_preset and init_preset != cfg.preset and not cfg.init_any_preset:
-            raise SystemExit(f"--init {cfg.init} was trained at preset {init_preset!r}, this run is at preset "
-                             f"{cfg.preset!r}: the model would keep the checkpoint's {init_preset} architecture "
-                             f"and train with the {cfg.preset} recipe. Pass --preset {init_preset}, or "
-                             "--init_any_preset=true to fine-tune it so anyway")
-    # the vocabulary: --vocab FILE, else --bert DIR's vocab.txt, else the data folder's; a run continues with its
-    # own, and fine-tuning takes the --init checkpoint's (its word embeddings are that vocabulary's) unless --vocab
-    # says otherwise (e.g. the checkpoint came from another machine)
-    bert_weights = bool(cfg.bert) and os.path.isfile(os.path.join(cfg.bert, "config.json"))
-    if ckpt:
-        vocab_path, vocab_from = ckpt["vocab_path"], f"the vocabulary of {resume_path}"
-    elif init_ckpt and not cfg.vocab:
-        vocab_path, vocab_from = init_ckpt["vocab_path"], f"the vocabulary of --init {cfg.init}"
-    elif cfg.vocab:
-        vocab_path, vocab_from = cfg.vocab, "--vocab"
-    elif cfg.bert:
-        vocab_path, vocab_from = os.path.join(cfg.bert, "vocab.txt"), "--bert"
-    else:
-        vocab_path, vocab_from = os.path.join(data_root, "vocab.txt"), "the data folder's"
-    if not os.path.isfile(vocab_path):
-        raise SystemExit(f"no vocabulary at {vocab_path} ({vocab_from}): pass --vocab FILE (a WordPiece vocab.txt, "
-                         "one token per line, e.g. bert-base-uncased's) or --bert DIR (a folder with vocab.txt: a "
-                         "Hugging Face BERT directory, or vocab.txt alone for BERT's vocabulary with random weights)")
-    bert_vocab = os.path.join(cfg.bert, "vocab.txt")
-    if cfg.vocab and bert_weights and not ckpt and not cfg.init and os.path.isfile(bert_vocab):
-        with open(cfg.vocab, "rb") as a, open(bert_vocab, "rb") as b:
-            if a.read() != b.read():
-                raise SystemExit(f"--vocab {cfg.vocab} differs from {bert_vocab}, whose token ids the BERT weights "
-                                 f"of --bert {cfg.bert} were trained with: leave out --vocab")
-    if cfg.bert and not bert_weights and not ckpt and not cfg.init:
-        weights = [n for n in ("model.safetensors", "pytorch_model.bin") if os.path.isfile(os.path.join(cfg.bert, n))]
-        if weights:
-            raise SystemExit(f"--bert {cfg.bert} holds {weights[0]} but no config.json, which the weights need; "
-                             "copy BERT's config.json there (or keep vocab.txt alone for random weights)")
-        if master_process:
-            print(f"--bert {cfg.bert} holds no config.json, only vocab.txt: " + (
-                f"BERT's vocabulary ({vocab_path}), random weights" if not cfg.vocab else
-                f"random weights, and the vocabulary of --vocab {vocab_path}"))
+    check_init_preset(cfg, init_ckpt)
+    vocab_path, bert_weights = resolve_vocabulary(cfg, ckpt, init_ckpt, data_root, resume_path, master_process)
 
     # --- model ------------------------------------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)  # the same initial weights and VD on every rank
@@ -766,6 +728,55 @@ def train(cfg, model_overrides, args=None):
     if dist.is_initialized():
         dist.barrier()
     return last_metrics
+
+
+def check_init_preset(cfg, init_ckpt):
+    """--init from a checkpoint of another preset would train its architecture with this preset's recipe: refuse,
+    unless --init_any_preset=true."""
+    init_preset = ((init_ckpt or {}).get("train_config") or {}).get("preset")
+    if init_preset and init_preset != cfg.preset and not cfg.init_any_preset:
+        raise SystemExit(f"--init {cfg.init} was trained at preset {init_preset!r}, this run is at preset "
+                         f"{cfg.preset!r}: the model would keep the checkpoint's {init_preset} architecture "
+                         f"and train with the {cfg.preset} recipe. Pass --preset {init_preset}, or "
+                         "--init_any_preset=true to fine-tune it so anyway")
+
+
+def resolve_vocabulary(cfg, ckpt, init_ckpt, data_root, resume_path, master_process):
+    """The vocabulary: --vocab FILE, else --bert DIR's vocab.txt, else the data folder's; a run continues with its
+    own, and fine-tuning takes the --init checkpoint's (its word embeddings are that vocabulary's) unless --vocab
+    says otherwise (e.g. the checkpoint came from another machine). Returns (vocab_path, whether --bert holds
+    weights, i.e. a config.json)."""
+    bert_weights = bool(cfg.bert) and os.path.isfile(os.path.join(cfg.bert, "config.json"))
+    if ckpt:
+        vocab_path, vocab_from = ckpt["vocab_path"], f"the vocabulary of {resume_path}"
+    elif init_ckpt and not cfg.vocab:
+        vocab_path, vocab_from = init_ckpt["vocab_path"], f"the vocabulary of --init {cfg.init}"
+    elif cfg.vocab:
+        vocab_path, vocab_from = cfg.vocab, "--vocab"
+    elif cfg.bert:
+        vocab_path, vocab_from = os.path.join(cfg.bert, "vocab.txt"), "--bert"
+    else:
+        vocab_path, vocab_from = os.path.join(data_root, "vocab.txt"), "the data folder's"
+    if not os.path.isfile(vocab_path):
+        raise SystemExit(f"no vocabulary at {vocab_path} ({vocab_from}): pass --vocab FILE (a WordPiece vocab.txt, "
+                         "one token per line, e.g. bert-base-uncased's) or --bert DIR (a folder with vocab.txt: a "
+                         "Hugging Face BERT directory, or vocab.txt alone for BERT's vocabulary with random weights)")
+    bert_vocab = os.path.join(cfg.bert, "vocab.txt")
+    if cfg.vocab and bert_weights and not ckpt and not cfg.init and os.path.isfile(bert_vocab):
+        with open(cfg.vocab, "rb") as a, open(bert_vocab, "rb") as b:
+            if a.read() != b.read():
+                raise SystemExit(f"--vocab {cfg.vocab} differs from {bert_vocab}, whose token ids the BERT weights "
+                                 f"of --bert {cfg.bert} were trained with: leave out --vocab")
+    if cfg.bert and not bert_weights and not ckpt and not cfg.init:
+        weights = [n for n in ("model.safetensors", "pytorch_model.bin") if os.path.isfile(os.path.join(cfg.bert, n))]
+        if weights:
+            raise SystemExit(f"--bert {cfg.bert} holds {weights[0]} but no config.json, which the weights need; "
+                             "copy BERT's config.json there (or keep vocab.txt alone for random weights)")
+        if master_process:
+            print(f"--bert {cfg.bert} holds no config.json, only vocab.txt: " + (
+                f"BERT's vocabulary ({vocab_path}), random weights" if not cfg.vocab else
+                f"random weights, and the vocabulary of --vocab {vocab_path}"))
+    return vocab_path, bert_weights
 
 
 def build_train_dataset(cfg, data_root, tokenizer, model_cfg):

@@ -87,7 +87,8 @@ def report(path):
         minutes = "given" if r.get("checkpoint") else f"{r['minutes']:.1f}"
         lines.append(f"| {r['key'].split('/')[1]} | {minutes} | {f.get('mlm_acc', 0):.2f} | "
                      f"{f.get('mvm_acc', nan):.2f} | {f.get('heldout_itm_acc', nan):.3f} "
-                     f"({f.get('heldout_itm_matched_acc', nan):.3f} / {f.get('heldout_itm_mismatched_acc', nan):.3f}) | "
+                     f"({f.get('heldout_itm_matched_acc', nan):.3f} / "
+                     f"{f.get('heldout_itm_mismatched_acc', nan):.3f}) | "
                      f"{f.get('vd_used', nan):.3f} | {f.get('vd_ppl', nan):.1f} |")
     print("\n".join(lines))
 

@@ -207,7 +207,7 @@ def tiny_model(world, num_answers):
 
 
 def save_checkpoint(path, model, world, task, answers=None):
-    """The contract's checkpoint format."""
+    """A checkpoint in train.py's format."""
     torch.save({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
                 "train_config": {"preset": "tiny"}, "task": task, "step": 0, "epoch": 0,
                 "vocab_path": os.path.join(world, "vocab.txt"), "data_root": world, "answers": answers,
