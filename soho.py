@@ -802,13 +802,18 @@ class SOHO(nn.Module):
         return {"mlm": mlm, "mvm": mvm, "itm": itm, "vd_indices": None if h is None else h[valid],
                 "mvm_mask": mvm_mask, "itm_correct": itm_logits.detach().argmax(-1) == itm_label}
 
-    def pretrain_itm_logits(self, batch):
-        """ITM logits [4B, 2] of a pre-training batch with nothing masked, the visual tokens as pre-training
-        makes them (VD embeddings, Eq. 2-3): the held-out ITM evaluation of evaluate.py."""
-        V, valid, grid = self.encode(batch["images"], batch["image_mask"])  # [B, l, c], [B, l]
+    def pretrain_visual_tokens(self, images, image_mask):
+        """The visual tokens as pre-training feeds them to the transformer, with nothing masked: f(V) (Eq. 1-3),
+        position, LayerNorm. Returns visual [B, l, c], valid [B, l]. For evaluation and probes."""
+        V, valid, grid = self.encode(images, image_mask)  # [B, l, c], [B, l]
         if self.config.use_vd:
             V = self.visual_dictionary.lookup(V)[1]  # Eq. 2, 3
-        visual, img_index = self.embed_visual(V, grid), batch["img_index"]
+        return self.embed_visual(V, grid), valid
+
+    def pretrain_itm_logits(self, batch):
+        """ITM logits [4B, 2] of a pre-training batch with nothing masked: the held-out ITM of evaluate.py."""
+        visual, valid = self.pretrain_visual_tokens(batch["images"], batch["image_mask"])
+        img_index = batch["img_index"]
         return self.pair_logits(visual[img_index], valid[img_index], batch["input_ids"], batch["text_mask"],
                                 self.itm_head)
 

@@ -717,7 +717,7 @@ def train(cfg, model_overrides, args=None):
                 print(f"epoch {epoch}: skipped {skipped_images} unreadable image(s) so far (see the log above)")
             save()
     bar.close()
-    if task == "pretrain" and (step == total_steps or saved_step != step):
+    if task == "pretrain":
         last_metrics.update(heldout_itm(model, cfg, data_root, tokenizer, model_cfg, device, amp, rank, world_size))
         saved_step = -1  # the checkpoint carries the held-out numbers
     if saved_step != step:  # the end fell between checkpoints: save where we stopped
@@ -795,7 +795,13 @@ def heldout_itm(model, cfg, data_root, tokenizer, model_cfg, device, amp, rank, 
     on the training batches: {"heldout_itm_acc", "heldout_itm_matched_acc", "heldout_itm_mismatched_acc"}."""
     import evaluate  # evaluate.py imports this module: import it here, not at the top
 
-    dataset = data.build_dataset("pretrain", "val", data_root, tokenizer, model_cfg, seed=0, text_only=cfg.text_only)
+    try:
+        dataset = data.build_dataset("pretrain", "val", data_root, tokenizer, model_cfg, seed=0,
+                                     text_only=cfg.text_only)
+    except data.DataError as e:  # e.g. VG alone, no COCO val: the run itself is fine, say what is missing
+        if rank == 0:
+            print(f"no held-out ITM: {e}")
+        return {}
     m = evaluate.itm_accuracy(model, dataset, device, amp, cfg.batch_per_gpu, workers=cfg.num_workers, rank=rank,
                               world_size=world_size)
     if m is None:  # not rank 0

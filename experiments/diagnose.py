@@ -53,11 +53,9 @@ def stage_features(model, images, image_mask):
     for name in ("layer1", "layer2", "layer3", "layer4"):
         x = getattr(bb, name)(x)
         out[name] = x.mean((2, 3))
-    V, valid, grid = model.encode(images, image_mask)
+    V, valid, _ = model.encode(images, image_mask)
     out["projection"] = (V * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)
-    if model.config.use_vd:
-        V = model.visual_dictionary.lookup(V)[1]
-    tokens = model.embed_visual(V, grid)
+    tokens, _ = model.pretrain_visual_tokens(images, image_mask)
     out["tokens entering the transformer"] = (tokens * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)
     return out
 
@@ -104,10 +102,8 @@ def heldout_batch(ckpt, cfg, n_images=32):
 def attention_to_visual(model, batch):
     """Per layer: the mean share of [CLS]'s attention (averaged over heads) that lands on visual tokens."""
     tr, shares = model.transformer, []
-    V, valid, grid = model.encode(batch["images"], batch["image_mask"])
-    if model.config.use_vd:
-        V = model.visual_dictionary.lookup(V)[1]
-    visual, idx = model.embed_visual(V, grid), batch["img_index"]
+    visual, valid = model.pretrain_visual_tokens(batch["images"], batch["image_mask"])
+    idx = batch["img_index"]
     x = torch.cat([tr.text_embed(batch["input_ids"]), visual[idx]], 1)
     attend = torch.cat([batch["text_mask"].bool(), valid[idx]], 1)
     T = batch["input_ids"].shape[1]
@@ -124,10 +120,8 @@ def attention_to_visual(model, batch):
 
 def token_spread(model, batch):
     """Share of the visual (text) tokens' energy that is not the mean token over the batch."""
-    V, valid, grid = model.encode(batch["images"], batch["image_mask"])
-    if model.config.use_vd:
-        V = model.visual_dictionary.lookup(V)[1]
-    vis = model.embed_visual(V, grid)[valid]  # [N, H]
+    visual, valid = model.pretrain_visual_tokens(batch["images"], batch["image_mask"])
+    vis = visual[valid]  # [N, H]
     txt = model.transformer.text_embed(batch["input_ids"])[batch["text_mask"].bool()]
     share = lambda t: ((t - t.mean(0)) ** 2).sum().item() / (t ** 2).sum().item()
     return share(vis), share(txt)
