@@ -739,31 +739,61 @@ def content_words(text):
     return set(re.findall(r"[a-z]+", text.lower())) - _STOPWORDS
 
 
+NEGATIVES = ("random", "subject", "hard")  # PretrainDataset's kinds of mismatched caption
+
+
+def images_by_subject(caption_lists):
+    """For each image, the indices of all images that share its subject (itself included, as an int64 array).
+
+    An image's subject is the content word w maximising count(w in its captions) x log(n_images / df(w)), df(w)
+    being the number of images whose captions use w: a word all its captions repeat and few other images use.
+    Ties go to the alphabetically first word; an image without content words is its own subject."""
+    words = [[content_words(c) for c in caps] for caps in caption_lists]
+    df = collections.Counter(w for per_caption in words for w in set().union(*per_caption))
+    n = len(caption_lists)
+    groups, subject_of = collections.defaultdict(list), []
+    for i, per_caption in enumerate(words):
+        count = collections.Counter(w for ws in per_caption for w in ws)
+        best = min(count, key=lambda w: (-count[w] * math.log(n / df[w]), w), default=f"#{i}")
+        subject_of.append(best)
+        groups[best].append(i)
+    arrays = {k: np.asarray(v, dtype=np.int64) for k, v in groups.items()}
+    return [arrays[k] for k in subject_of]
+
+
 class PretrainDataset(ImageTextDataset):
     """One item per image; it carries 4 texts (Sec. 4.1, A.2): 2 matched captions of the image and 2 captions of
     other images. A caption of another picture of the same photograph (a VG image that is a COCO image) is never
     used as a mismatch. All four texts get BERT masking; only the matched ones carry MLM labels (a [MASK] must not
     give the match away to ITM).
 
-    negatives="random" (the default, and the paper's): both mismatched captions are captions of random other
-    images, so a mismatched text is distributed exactly like a matched one and only the image can tell them
-    apart. negatives="hard" (beyond the paper): the third text is instead the caption sharing most content words
-    with a matched caption among `hard_pool` random others. Measured on the synthetic world, such captions are
-    longer and wordier than a typical caption: a model that never sees the image catches 75% of them, so they
-    teach ITM to read the text, and they are off by default (README, "Does the model look at the image?").
+    negatives="random" (the paper's): both mismatched captions are captions of random other images, so a
+    mismatched text is distributed exactly like a matched one and only the image can tell them apart.
+    negatives="subject" (beyond the paper): the third text is instead a caption of a random other image with the
+    same subject, the content word most typical of an image's captions (count in its captions x inverse image
+    frequency: "dog" for most photographs of a dog; on the synthetic world, the background's colour). Every image
+    of a subject is picked by each other one with the same probability, so a subject's images serve as mismatches
+    equally often and a mismatched text is still distributed exactly like a matched one: the text alone cannot
+    tell it apart (measured: README, "Does the model look at the image?"). Such a mismatch differs from the image
+    in its details, not in its subject. negatives="hard" (beyond the paper, kept to show the trap): the third text
+    is the caption sharing most content words with a matched caption among `hard_pool` random others. Wordy
+    captions win that contest, so a model that never sees the image catches 75% of them: they teach ITM to read
+    the text.
 
     images: list of (path, [captions], picture key); equal keys mean the same photograph.
     """
 
     def __init__(self, images, tokenizer, negatives="random", hard_pool=16, mlm_prob=0.15, **kwargs):
         super().__init__(tokenizer, **kwargs)
-        if negatives not in ("random", "hard"):
-            raise ValueError(f"negatives must be 'random' or 'hard', got {negatives!r}")
+        if negatives not in NEGATIVES:
+            raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
         self.paths = StringTable(p for p, _, _ in images)
         self.captions = StringTable(c for _, caps, _ in images for c in caps)
         self.caption_start = np.cumsum([0] + [len(caps) for _, caps, _ in images], dtype=np.int64)
         self.keys = StringTable(str(k) for _, _, k in images)
         self.negatives, self.hard_pool, self.mlm_prob = negatives, hard_pool, mlm_prob
+        if negatives == "subject":
+            self.same_subject = images_by_subject([caps for _, caps, _ in images])
 
     def __len__(self):
         return len(self.paths)
@@ -781,13 +811,26 @@ class PretrainDataset(ImageTextDataset):
                     return j, self.captions[c]
         raise DataError("pre-training needs captions of at least two different images")
 
+    def _same_subject_caption(self, i, own, rng):
+        """(index, caption) of a random other photograph with image i's subject, or None if it has none."""
+        group = self.same_subject[i]
+        for _ in range(20 if len(group) > 1 else 0):
+            j = int(group[rng.randrange(len(group))])
+            if j != i and self.keys[j] != self.keys[i]:
+                c = self.caption_start[j] + rng.randrange(self.caption_start[j + 1] - self.caption_start[j])
+                if self.captions[c] not in own:
+                    return j, self.captions[c]
+        return None
+
     def __getitem__(self, i):
         rng = self.example_rng(i)
         own = self.captions_of(i)
         matched = rng.sample(own, 2) if len(own) >= 2 else [own[0], own[0]]
         random_source, random_text = self._other_caption(i, own, rng)
         hard_source, hard_text = self._other_caption(i, own, rng)
-        if self.negatives == "hard":
+        if self.negatives == "subject":
+            hard_source, hard_text = self._same_subject_caption(i, own, rng) or (hard_source, hard_text)
+        elif self.negatives == "hard":
             words = content_words(matched[0])
             best = len(words & content_words(hard_text))
             for _ in range(self.hard_pool - 1):
@@ -816,7 +859,7 @@ class PretrainDataset(ImageTextDataset):
 
     def collate(self, examples):
         """The pre-training batch; rows 4i..4i+3 are the texts of image i: matched, matched,
-        mismatched (the hard one with negatives="hard"), mismatched (random)."""
+        mismatched (same subject with negatives="subject", the hard one with "hard"), mismatched (random)."""
         examples, skipped = _kept(examples)
         if not examples:
             return None

@@ -537,8 +537,9 @@ def itm_accuracy(model, dataset, device, amp, batch_size=16, max_images=0, worke
     correct = torch.tensor([r["correct"] for r in merge_examples(parts, n)], dtype=torch.float64)  # [n, 4]
     m = {"images": n, "pairs": 4 * n, "accuracy": correct.mean().item(),
          "matched": correct[:, :2].mean().item(), "mismatched": correct[:, 2:].mean().item()}
-    if dataset.negatives == "hard":  # text 3 is the hard mismatch, text 4 the random one
-        m["mismatched_hard"], m["mismatched_random"] = correct[:, 2].mean().item(), correct[:, 3].mean().item()
+    if dataset.negatives != "random":  # text 3 is the chosen mismatch, text 4 the random one
+        m[f"mismatched_{dataset.negatives}"] = correct[:, 2].mean().item()
+        m["mismatched_random"] = correct[:, 3].mean().item()
     return m
 
 
@@ -978,8 +979,9 @@ def parse_args(argv=None):
     p.add_argument("--source", default="", help="retrieval: coco | flickr30k (default: the checkpoint's)")
     p.add_argument("--max-images", type=int, default=0, help="retrieval / vd / itm: only the first N images")
     p.add_argument("--max-examples", type=int, default=0, help="vqa / nlvr2 / snli-ve: only the first N examples")
-    p.add_argument("--negatives", default="random", choices=["random", "hard"],
-                   help="itm: the mismatched captions (hard: the third text shares words with the image's own)")
+    p.add_argument("--negatives", default="random", choices=list(data.NEGATIVES),
+                   help="itm: the third text (subject: a caption of another image with the same subject; "
+                        "hard: one sharing most words with the image's own); the fourth is always random")
     p.add_argument("--batch-size", type=int, default=16, help="images (examples) per CNN forward")
     p.add_argument("--pair-batch", type=int, default=0,
                    help="retrieval: image-text pairs per transformer forward (default 1024 on GPU, 256 on CPU)")

@@ -53,7 +53,7 @@ class TrainConfig:
     resnet: str = ""  # a torchvision ImageNet ResNet state dict (resnet101-*.pth)
     retrieval_source: str = "coco"  # coco | flickr30k
     train_split: str = "train"  # the split trained on; vqa: train (train2014) | train+val (the paper, test server)
-    itm_negatives: str = "random"  # pre-training mismatches: random (the paper) | hard (beyond it; leaves a text trace)
+    itm_negatives: str = "random"  # pre-training mismatches: random (the paper) | subject | hard (data.NEGATIVES)
     text_only: bool = False  # the control that cannot see: every image replaced by one constant image
     # batch: `batch_per_gpu` examples per forward; gradient accumulation fills `global_batch` (examples per step)
     batch_per_gpu: int = 16
