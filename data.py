@@ -1,5 +1,5 @@
 """
-Data for SOHO: the public data sets read as they are on disk, the batches of the paper, and a synthetic world.
+Data for SOHO: the public data sets read as they are on disk, and the batches of the paper.
 
 Point `--data DIR` at a folder with this layout. Every part is optional: a task needs only its own files, and a
 task whose files are missing raises a DataError that lists what it looked for and where.
@@ -43,11 +43,51 @@ Tasks and splits for build_dataset(task, split, ...):
     nlvr2      train, dev, test1
     snli-ve    train, dev, test
 
-With no --data the training script calls ensure_synthetic_world(default_data_root()), which renders a small world
-of coloured shapes once, in exactly these formats and this layout (see "Synthetic world" below), so that every
-task runs end to end in minutes on a laptop CPU. `python data.py synth --out DIR` writes one by hand,
-`python data.py check --data DIR` counts what a folder holds and reads each set's first example (`--full`: opens
-every image file and lists the bad ones), `python data.py bench` times the loading.
+Batches: each dataset's `collate` pads a list of examples into one dict (None when every example was skipped);
+these are all the keys. B: examples in the batch (pre-training: images); T: the longest text of the batch, at
+most max_text_len ids; H, W: the largest image height and width of the batch, rounded up to a multiple of 32.
+Tasks: "pretrain" is the train split and the held-out val/test; "retrieval" is its train split, whose val/test
+sets give batches of images (ret-images, RetrievalImageDataset) and of captions (ret-texts, its .texts). Model:
+what soho.SOHO.pretrain_losses (P) and task_logits (T) read; the other keys feed the losses (train.py), the
+metrics (evaluate.py) and the logs. random_batch(task, config, n) builds a batch of a task with random content.
+
+    key          shape, type       dtype    tasks                             model  holds
+    images       [B, 3, H, W]      float32  all but ret-texts; nlvr2: 2B      P, T   normalised pixels, 0 in padding
+    image_mask   [B, H, W]         bool     all but ret-texts; nlvr2: 2B      P, T   True over the real pixels
+    input_ids    [B, T]            int64    all but ret-images; pretrain: 4B  P, T   [CLS] text [SEP] [PAD]..
+    text_mask    [B, T]            bool     all but ret-images; pretrain: 4B  P, T   True over [CLS] text [SEP]
+    img_index    [4B]              int64    pretrain                          P      image i for texts 4i..4i+3
+    itm_label    [4B]              int64    pretrain                          P      1, 1, 0, 0: matched or not
+    mlm_labels   [4B, T]           int64    pretrain                          P      target ids, -100: none (b)
+    text_source  [4B]              int64    pretrain                          -      image whose caption it is
+    image_ids    list of B         str/int  pretrain, retrieval               -      picture key / image id (c)
+    texts        list of 4B / B    str      pretrain, retrieval               -      the texts, untokenized
+    targets      [B, num_answers]  float32  vqa                               -      soft scores of the answers
+    question_id  [B]               int64    vqa                               -
+    answer_type  list of B         str      vqa                               -      yes/no, number, other (d)
+    answers      list of B lists   str      vqa                               -      the 10 raw answers (d)
+    labels       [B]               int64    nlvr2, snli-ve                    -      the class (e)
+    identifier   list of B         str      nlvr2                             -
+    pair_id      list of B         str      snli-ve                           -
+    image_index  [B]               int64    ret-images                        -      index in the dataset
+    text_index   [B]               int64    ret-texts                         -      index in the dataset
+    txt2img      [B]               int64    ret-texts                         -      its image's image_index
+    skipped      int                        all but ret-texts                 -      examples dropped (a)
+
+(a) examples whose image could not be read (skip_bad_images). (b) pre-training's train split masks all four
+texts of an image as BERT does (input_ids hold the [MASK]s), and mlm_labels hold the original id where a token is
+to be predicted (mlm_prob = 15% of a text's real tokens, at least one, never [CLS] or [SEP]), -100 elsewhere:
+everywhere on the mismatched texts, and everywhere in the held-out splits, which mask nothing. Texts 4i..4i+3 are
+image i's: matched, matched, mismatched, mismatched (PretrainDataset). NLVR2's images 2i and 2i+1 are example i's
+left and right images. (c) pretrain: "coco:<id>" or "vg:<file>"; retrieval: the COCO id (int) or the Flickr30K
+file name. (d) None and [] in VQA's test-dev and test. (e) nlvr2: 1 = True; snli-ve: 0 entailment, 1 neutral,
+2 contradiction.
+
+With no --data, train.py and evaluate.py write the synthetic world of synthetic.py once (a small world of
+coloured shapes in exactly these formats and this layout, so that every task runs end to end in minutes on a
+laptop CPU); `python synthetic.py --out DIR` writes one by hand. `python data.py check --data DIR` counts what a
+folder holds and reads each set's first example (`--full`: opens every image file and lists the bad ones),
+`python data.py bench` times the loading.
 """
 
 import argparse
@@ -58,7 +98,6 @@ import math
 import os
 import random
 import re
-import shutil
 import sys
 import time
 import types
@@ -67,8 +106,10 @@ import warnings
 import numpy as np
 import torch
 import tokenizers
-from PIL import Image, ImageDraw
+from PIL import Image
 from tqdm import tqdm
+
+from soho import IGNORE, TASKS  # the label of tokens not predicted (-100), and the tasks
 
 log = logging.getLogger("soho.data")
 
@@ -78,7 +119,8 @@ class DataError(ValueError):
 
 
 # ---- Files ----
-# Small helpers so that every format error names the file, the line or key, and what was expected.
+# Small helpers so that every format error names the file, the line or key, and what was expected; and the one
+# writer of JSON files (with its JSON Lines twin), which never leaves half a file behind.
 
 # While `python data.py check --full` runs this is a set, and the two readers below add every file they parse
 # (so that the check can list the annotation files it read); otherwise None.
@@ -126,6 +168,23 @@ def read_json_lines(path, expected):
         raise DataError(f"{path}: cannot read ({e}); expected {expected}")
     _note_read(path)
     return records
+
+
+def write_json(path, obj, indent=None):
+    """Write obj as JSON (utf-8; indent as json.dump's), creating the folder. Written to path + ".tmp" and then
+    renamed, so that a reader (or an interrupted run) never finds half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=indent)
+    os.replace(path + ".tmp", path)
+
+
+def write_json_lines(path, records):
+    """Write records as JSON Lines (one object per line, as read_json_lines reads them), like write_json."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    os.replace(path + ".tmp", path)
 
 
 def field(record, key, where):
@@ -275,7 +334,7 @@ def mask_tokens(input_ids, text_mask, tokenizer, prob=0.15, generator=None, at_l
     """BERT's masked-language-model corruption. Returns (masked_ids, labels), both long like input_ids.
 
     `prob` of the real, non-special tokens are chosen (and at least one per row that has any, so that a short
-    caption still teaches something); labels hold their original id there and -100 elsewhere. Of the chosen ones
+    caption still teaches something); labels hold their original id there and IGNORE (-100) elsewhere. Of the chosen ones
     80% become [MASK], 10% a random non-special token and 10% stay as they are. `tokenizer` is anything with
     mask_id, vocab_size and special_ids (a Tokenizer, or a SimpleNamespace). Special tokens are never chosen.
     """
@@ -288,7 +347,7 @@ def mask_tokens(input_ids, text_mask, tokenizer, prob=0.15, generator=None, at_l
         pick = scores.argmax(dim=1)  # a uniformly random candidate of each row
         rows = empty_rows.nonzero().flatten()
         chosen[rows, pick[rows]] = True
-    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE))
 
     action = torch.rand(input_ids.shape, generator=generator)
     to_mask = chosen & (action < 0.8)
@@ -656,7 +715,8 @@ def read_snli_ve(jsonl_path, flickr_image_dir):
 
 # ---- Datasets ----
 # Map-style datasets (so DistributedSampler shards them and DataLoader workers share them). __getitem__ decodes,
-# resizes and tokenizes one example; the `collate` method pads a list of them into a batch (the keys: see each collate).
+# resizes and tokenizes one example; the `collate` method pads a list of them into a batch (its keys: the table at
+# the top of this file).
 # Randomness (captions drawn, negatives, MLM masks) comes from a per-example generator: seeded from
 # (seed, epoch, index) when a seed is given, so a run is the same whatever the number of workers or ranks (call
 # set_epoch every epoch, like DistributedSampler's); with seed=None from torch's global generator, which the
@@ -822,8 +882,9 @@ class PretrainDataset(ImageTextDataset):
                     return j, self.captions[c]
         return None
 
-    def __getitem__(self, i):
-        rng = self.example_rng(i)
+    def choose_texts(self, i, rng):
+        """Image i's 4 texts (matched, matched, the chosen mismatch, a random mismatch) and the index of the image
+        each comes from, drawn with `rng`."""
         own = self.captions_of(i)
         matched = rng.sample(own, 2) if len(own) >= 2 else [own[0], own[0]]
         random_source, random_text = self._other_caption(i, own, rng)
@@ -838,10 +899,14 @@ class PretrainDataset(ImageTextDataset):
                 overlap = len(words & content_words(text))
                 if overlap > best:
                     best, hard_source, hard_text = overlap, j, text
+        return matched + [hard_text, random_text], [i, i, hard_source, random_source]
+
+    def __getitem__(self, i):
+        rng = self.example_rng(i)
+        texts, sources = self.choose_texts(i, rng)
         image = self.image(self.paths[i])
         if image is None:
             return None
-        texts = matched + [hard_text, random_text]
         ids = [self.encode(t) for t in texts]
         # All four texts are masked, but only the matched ones are predicted (Sec. 4.1). Were the mismatched texts
         # left unmasked, a [MASK] in the input would tell the ITM head "matched" without looking at the image.
@@ -850,11 +915,11 @@ class PretrainDataset(ImageTextDataset):
         if self.mlm_prob:
             masked, labels = mask_tokens(all_ids, all_mask, self.tokenizer, self.mlm_prob, generator)
         else:  # held-out ITM: the texts as they are
-            masked, labels = all_ids, torch.full_like(all_ids, -100)
+            masked, labels = all_ids, torch.full_like(all_ids, IGNORE)
         return {
-            "image": image, "image_id": self.keys[i], "texts": texts, "text_source": [i, i, hard_source, random_source],
+            "image": image, "image_id": self.keys[i], "texts": texts, "text_source": sources,
             "input_ids": [masked[k, :len(ids[k])].tolist() for k in range(4)],
-            "mlm_labels": [labels[k, :len(ids[k])].tolist() for k in range(2)] + [[-100] * len(r) for r in ids[2:]],
+            "mlm_labels": [labels[k, :len(ids[k])].tolist() for k in range(2)] + [[IGNORE] * len(r) for r in ids[2:]],
         }
 
     def collate(self, examples):
@@ -865,7 +930,7 @@ class PretrainDataset(ImageTextDataset):
             return None
         images, image_mask = pad_images([e["image"] for e in examples])
         input_ids, text_mask = self.text_batch([r for e in examples for r in e["input_ids"]])
-        mlm_labels, _ = pad_token_rows([r for e in examples for r in e["mlm_labels"]], -100)
+        mlm_labels, _ = pad_token_rows([r for e in examples for r in e["mlm_labels"]], IGNORE)
         B = len(examples)
         return {
             "images": images, "image_mask": image_mask, "input_ids": input_ids, "text_mask": text_mask,
@@ -1146,7 +1211,6 @@ def read_vqa(data_root, split):
     return records, all_annotations
 
 
-TASKS = ("pretrain", "retrieval", "vqa", "nlvr2", "snli-ve")
 
 
 def build_dataset(task, split, data_root, tokenizer, config_like, **opts):
@@ -1155,95 +1219,110 @@ def build_dataset(task, split, data_root, tokenizer, config_like, **opts):
     config_like: anything with image_short, image_long and max_text_len (a SOHOConfig).
     opts: seed (None: fresh randomness from torch's generator; an int: the same draws for (seed, epoch, index),
     see set_epoch), skip_bad_images (False), source ("coco" or "flickr30k", retrieval), answer_vocab (a list,
-    VQA; default: built from train2014 + val2014 annotations), min_answer_count (9), negatives ("random" or
-    "hard", pretrain), use_vg (True, pretrain), text_only (False: every image replaced by one constant image, the
-    control that cannot see).
+    VQA; default: built from train2014 + val2014 annotations), min_answer_count (9), negatives (one of
+    NEGATIVES, pretrain), use_vg (True, pretrain), text_only (False: every image replaced by one constant image,
+    the control that cannot see).
     The returned dataset's `.collate` is the DataLoader collate_fn.
     """
+    if task not in TASKS:
+        raise DataError(f"unknown task {task!r} (expected one of {', '.join(TASKS)})")
     common = {"image_short": config_like.image_short, "image_long": config_like.image_long,
               "max_text_len": config_like.max_text_len, "skip_bad_images": opts.get("skip_bad_images", False),
               "seed": opts.get("seed"), "text_only": opts.get("text_only", False)}
-    if task not in TASKS:
-        raise DataError(f"unknown task {task!r} (expected one of {', '.join(TASKS)})")
-    coco_json = os.path.join(data_root, "coco", "dataset_coco.json")
-    flickr_json = os.path.join(data_root, "flickr30k", "dataset_flickr30k.json")
+    builders = {"pretrain": build_pretrain, "retrieval": build_retrieval, "vqa": build_vqa, "nlvr2": build_nlvr2,
+                "snli-ve": build_snli_ve}
+    return builders[task](split, data_root, tokenizer, common, opts)
 
-    if task == "pretrain" and split in ("val", "test"):
+
+def build_pretrain(split, data_root, tokenizer, common, opts):
+    """Pre-training pairs: train = COCO train + restval and VG (less VG copies of COCO val / test images); val and
+    test = COCO's held-out images, nothing masked, for held-out ITM."""
+    coco_json = os.path.join(data_root, "coco", "dataset_coco.json")
+    negatives = opts.get("negatives", "random")
+    if split in ("val", "test"):
         # held-out pairs: COCO's Karpathy val / test images, which pre-training never sees (VG copies of them are
         # dropped from the training set), with mismatched captions drawn from the same held-out images
         require_files(f"pretrain {split}", [coco_json])
         images, _ = read_karpathy(coco_json, coco_image_path(os.path.join(data_root, "coco")), (split,))
         return PretrainDataset([(p, caps, f"coco:{cocoid}") for p, caps, cocoid in images], tokenizer,
-                               negatives=opts.get("negatives", "random"), mlm_prob=0.0, **common)
-    if task == "pretrain":
-        if split != "train":
-            raise DataError(f"pretrain: unknown split {split!r} (expected train, or val / test for held-out ITM)")
-        vg_dir = os.path.join(data_root, "vg")
-        vg_files = [os.path.join(vg_dir, "region_descriptions.json"), os.path.join(vg_dir, "image_data.json")]
-        has_coco = os.path.isfile(coco_json)
-        has_vg = opts.get("use_vg", True) and all(os.path.isfile(p) for p in vg_files)
-        if not has_coco and not has_vg:
-            raise DataError(f"pretrain: found neither {coco_json} nor {' and '.join(vg_files)}")
-        images, stats = [], collections.Counter()
-        if has_coco:
-            coco, empty = read_karpathy(coco_json, coco_image_path(os.path.join(data_root, "coco")),
-                                        ("train", "restval"))
-            images += [(p, caps, f"coco:{cocoid}") for p, caps, cocoid in coco]
-            stats["coco_images"], stats["empty_captions"] = len(coco), empty
-        if has_vg:
-            if not has_coco:
-                log.warning("pretrain: no %s, so VG images of COCO val/test cannot be dropped", coco_json)
-            vg, vg_stats = read_visual_genome(vg_dir, coco_held_out_ids(coco_json) if has_coco else ())
-            # a VG image that is a COCO image is the same photograph: same key, so never a mismatch of itself
-            images += [(p, caps, f"coco:{cid}" if cid is not None else f"vg:{os.path.basename(p)}")
-                       for p, caps, cid in vg]
-            stats["vg_images"] = len(vg)
-            stats.update(vg_stats)
-        dataset = PretrainDataset(images, tokenizer, negatives=opts.get("negatives", "random"), **common)
-        dataset.stats.update(stats)
-        return dataset
+                               negatives=negatives, mlm_prob=0.0, **common)
+    if split != "train":
+        raise DataError(f"pretrain: unknown split {split!r} (expected train, or val / test for held-out ITM)")
+    vg_dir = os.path.join(data_root, "vg")
+    vg_files = [os.path.join(vg_dir, "region_descriptions.json"), os.path.join(vg_dir, "image_data.json")]
+    has_coco = os.path.isfile(coco_json)
+    has_vg = opts.get("use_vg", True) and all(os.path.isfile(p) for p in vg_files)
+    if not has_coco and not has_vg:
+        raise DataError(f"pretrain: found neither {coco_json} nor {' and '.join(vg_files)}")
+    images, stats = [], collections.Counter()
+    if has_coco:
+        coco, empty = read_karpathy(coco_json, coco_image_path(os.path.join(data_root, "coco")), ("train", "restval"))
+        images += [(p, caps, f"coco:{cocoid}") for p, caps, cocoid in coco]
+        stats["coco_images"], stats["empty_captions"] = len(coco), empty
+    if has_vg:
+        if not has_coco:
+            log.warning("pretrain: no %s, so VG images of COCO val/test cannot be dropped", coco_json)
+        vg, vg_stats = read_visual_genome(vg_dir, coco_held_out_ids(coco_json) if has_coco else ())
+        # a VG image that is a COCO image is the same photograph: same key, so never a mismatch of itself
+        images += [(p, caps, f"coco:{cid}" if cid is not None else f"vg:{os.path.basename(p)}") for p, caps, cid in vg]
+        stats["vg_images"] = len(vg)
+        stats.update(vg_stats)
+    dataset = PretrainDataset(images, tokenizer, negatives=negatives, **common)
+    dataset.stats.update(stats)
+    return dataset
 
-    if task == "retrieval":
-        source = opts.get("source", "coco")
-        if source == "coco":
-            json_path, path_of = coco_json, coco_image_path(os.path.join(data_root, "coco"))
-            splits = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
-        elif source == "flickr30k":
-            json_path, path_of = flickr_json, flickr_image_path(os.path.join(data_root, "flickr30k"))
-            splits = {"train": ("train",), "val": ("val",), "test": ("test",)}
-        else:
-            raise DataError(f"retrieval: unknown source {source!r} (expected 'coco' or 'flickr30k')")
-        if split not in splits:
-            raise DataError(f"retrieval: unknown split {split!r} (expected train, val or test)")
-        require_files(f"retrieval {source} {split}", [json_path])
-        if split == "train":
-            images, empty = read_karpathy(json_path, path_of, splits[split])
-            dataset = RetrievalTrainDataset(images, tokenizer, **common)
-        else:  # the protocol: the first 5 captions of each test image
-            images, empty = read_karpathy(json_path, path_of, splits[split], first_captions=5)
-            dataset = RetrievalImageDataset(images, tokenizer, **common)
-        dataset.stats["empty_captions"] = empty
-        return dataset
 
-    if task == "vqa":
-        records, annotations = read_vqa(data_root, split)
-        min_count = opts.get("min_answer_count", 9)
-        answer_vocab = opts.get("answer_vocab")
-        if not answer_vocab:  # always from train2014 + val2014, whichever split this is
-            answer_vocab = (answer_vocabulary(annotations, min_count) if split == "train+val"
-                            else build_vqa_answer_vocab(data_root, min_count))
-        return VQADataset(records, answer_vocab, tokenizer, **common)
+def build_retrieval(split, data_root, tokenizer, common, opts):
+    """Retrieval on COCO or Flickr30K (Karpathy splits): train = one caption per image per epoch; val / test =
+    the protocol's first 5 captions of each image."""
+    source = opts.get("source", "coco")
+    if source == "coco":
+        json_path = os.path.join(data_root, "coco", "dataset_coco.json")
+        path_of = coco_image_path(os.path.join(data_root, "coco"))
+        splits = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
+    elif source == "flickr30k":
+        json_path = os.path.join(data_root, "flickr30k", "dataset_flickr30k.json")
+        path_of = flickr_image_path(os.path.join(data_root, "flickr30k"))
+        splits = {"train": ("train",), "val": ("val",), "test": ("test",)}
+    else:
+        raise DataError(f"retrieval: unknown source {source!r} (expected 'coco' or 'flickr30k')")
+    if split not in splits:
+        raise DataError(f"retrieval: unknown split {split!r} (expected train, val or test)")
+    require_files(f"retrieval {source} {split}", [json_path])
+    if split == "train":
+        images, empty = read_karpathy(json_path, path_of, splits[split])
+        dataset = RetrievalTrainDataset(images, tokenizer, **common)
+    else:  # the protocol: the first 5 captions of each test image
+        images, empty = read_karpathy(json_path, path_of, splits[split], first_captions=5)
+        dataset = RetrievalImageDataset(images, tokenizer, **common)
+    dataset.stats["empty_captions"] = empty
+    return dataset
 
-    if task == "nlvr2":
-        if split not in ("train", "dev", "test1"):
-            raise DataError(f"nlvr2: unknown split {split!r} (expected train, dev or test1)")
-        nlvr2_dir = os.path.join(data_root, "nlvr2")
-        json_path = os.path.join(nlvr2_dir, f"{split}.json")
-        require_files(f"nlvr2 {split}", [json_path])
-        examples = read_nlvr2(json_path, nlvr2_image_dir(nlvr2_dir, split), split)
-        return NLVR2Dataset(examples, tokenizer, **common)
 
-    # snli-ve
+def build_vqa(split, data_root, tokenizer, common, opts):
+    """VQA v2 questions of a split (VQA_SPLITS); the answer classes always come from train2014 + val2014."""
+    records, annotations = read_vqa(data_root, split)
+    min_count = opts.get("min_answer_count", 9)
+    answer_vocab = opts.get("answer_vocab")
+    if not answer_vocab:  # always from train2014 + val2014, whichever split this is
+        answer_vocab = (answer_vocabulary(annotations, min_count) if split == "train+val"
+                        else build_vqa_answer_vocab(data_root, min_count))
+    return VQADataset(records, answer_vocab, tokenizer, **common)
+
+
+def build_nlvr2(split, data_root, tokenizer, common, opts):
+    """NLVR2 examples (two images and a sentence) of train, dev or test1."""
+    if split not in ("train", "dev", "test1"):
+        raise DataError(f"nlvr2: unknown split {split!r} (expected train, dev or test1)")
+    nlvr2_dir = os.path.join(data_root, "nlvr2")
+    json_path = os.path.join(nlvr2_dir, f"{split}.json")
+    require_files(f"nlvr2 {split}", [json_path])
+    examples = read_nlvr2(json_path, nlvr2_image_dir(nlvr2_dir, split), split)
+    return NLVR2Dataset(examples, tokenizer, **common)
+
+
+def build_snli_ve(split, data_root, tokenizer, common, opts):
+    """SNLI-VE (a Flickr30K image as premise, a hypothesis sentence) of train, dev or test."""
     if split not in ("train", "dev", "test"):
         raise DataError(f"snli-ve: unknown split {split!r} (expected train, dev or test)")
     jsonl = os.path.join(data_root, "snli-ve", f"snli_ve_{split}.jsonl")
@@ -1252,672 +1331,93 @@ def build_dataset(task, split, data_root, tokenizer, config_like, **opts):
     return SNLIVEDataset(read_snli_ve(jsonl, image_dir), tokenizer, **common)
 
 
-# ---- Synthetic world ----
-# A small world of rendered coloured shapes, written in exactly the public formats and the --data layout above,
-# so that every task runs end to end without downloads. It is learnable but not trivial: captions name several
-# objects and their relations, questions ask about colour, shape, count, position and size, and the negatives
-# (pre-training's hard mismatches, NLVR2's false statements, SNLI-VE's contradictions) differ from true
-# statements in one attribute, so a model has to look at the image.
-
-SYNTH_COLORS = {"red": (215, 45, 45), "green": (45, 165, 70), "blue": (45, 85, 215), "yellow": (235, 205, 45),
-                "purple": (140, 65, 175), "orange": (240, 135, 35)}
-SYNTH_SHAPES = ("circle", "square", "triangle", "diamond", "star")
-SYNTH_SIZES = {"small": (18, 26), "big": (38, 52)}  # radius in pixels
-SYNTH_BACKGROUNDS = {"white": (236, 236, 230), "gray": (150, 150, 150), "black": (32, 32, 38), "brown": (120, 85, 55),
-                     "pink": (240, 170, 200), "teal": (40, 130, 130)}
-SYNTH_IMAGE_SIZES = ((256, 256), (288, 256), (320, 256), (256, 288), (256, 320))  # (width, height)
-SYNTH_MANIFEST = "SYNTHETIC_WORLD.json"
-SYNTH_VERSION = 2  # 2: six backgrounds, and every caption names its background
-NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
-OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-
-Thing = collections.namedtuple("Thing", "shape color size x y r rgb")
-Scene = collections.namedtuple("Scene", "width height background bg_rgb things")
-
-
-def default_data_root():
-    """<repo>/data/synthetic-v<version>: where the training script keeps the synthetic world."""
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", f"synthetic-v{SYNTH_VERSION}")
-
-
-def _jitter(rgb, rng, amount):
-    return tuple(min(255, max(0, c + rng.randint(-amount, amount))) for c in rgb)
-
-
-def random_scene(rng, n_things=None, prefer=()):
-    """1-4 non-overlapping shapes on a plain background. `prefer`: (colour, shape) pairs that each shape takes
-    with probability 0.6 (used to make a statement about them true often enough)."""
-    width, height = rng.choice(SYNTH_IMAGE_SIZES)
-    background = rng.choice(sorted(SYNTH_BACKGROUNDS))
-    n = n_things or rng.choices((1, 2, 3, 4), weights=(1, 3, 3, 2))[0]
-    things = []
-    for _ in range(200):
-        if len(things) == n:
-            break
-        size = rng.choice(("small", "big"))
-        r = rng.randint(*SYNTH_SIZES[size])
-        x, y = rng.randint(r + 4, width - r - 4), rng.randint(r + 4, height - r - 4)
-        if any(math.hypot(x - t.x, y - t.y) < r + t.r + 6 for t in things):
-            continue
-        if prefer and rng.random() < 0.6:
-            color, shape = rng.choice(prefer)
-        else:
-            color, shape = rng.choice(sorted(SYNTH_COLORS)), rng.choice(SYNTH_SHAPES)
-        things.append(Thing(shape, color, size, x, y, r, _jitter(SYNTH_COLORS[color], rng, 14)))
-    return Scene(width, height, background, _jitter(SYNTH_BACKGROUNDS[background], rng, 8), tuple(things))
-
-
-def render_scene(scene):
-    """Draw a scene (deterministic: all randomness is in the scene)."""
-    img = Image.new("RGB", (scene.width, scene.height), scene.bg_rgb)
-    draw = ImageDraw.Draw(img)
-    for t in scene.things:
-        x, y, r = t.x, t.y, t.r
-        if t.shape == "circle":
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=t.rgb)
-        elif t.shape == "square":
-            s = 0.85 * r
-            draw.rectangle([x - s, y - s, x + s, y + s], fill=t.rgb)
-        elif t.shape == "triangle":
-            draw.polygon([(x, y - r), (x - 0.95 * r, y + 0.8 * r), (x + 0.95 * r, y + 0.8 * r)], fill=t.rgb)
-        elif t.shape == "diamond":
-            draw.polygon([(x, y - r), (x + 0.7 * r, y), (x, y + r), (x - 0.7 * r, y)], fill=t.rgb)
-        else:  # star: 10 corners alternating between the outer and the inner radius
-            corners = [(x + (r if k % 2 == 0 else 0.45 * r) * math.cos(math.pi * (k / 5 - 0.5)),
-                        y + (r if k % 2 == 0 else 0.45 * r) * math.sin(math.pi * (k / 5 - 0.5))) for k in range(10)]
-            draw.polygon(corners, fill=t.rgb)
-    return img
-
-
-# -- the language of the world --
-
-def _a(phrase):
-    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
-
-
-def _plural(word, n):
-    return word if n == 1 else word + "s"
-
-
-def _noun(t, with_size=False):
-    return f"{t.size} {t.color} {t.shape}" if with_size else f"{t.color} {t.shape}"
-
-
-def _relation(a, b, weak=False):
-    """Where a is with respect to b, along the axis of the larger offset; None when too close to say. weak=True
-    instead returns every direction a is at all (for checking that a claimed relation is false)."""
-    dx, dy = b.x - a.x, b.y - a.y
-    if weak:
-        return {rel for rel, d in (("left of", dx), ("right of", -dx), ("above", dy), ("below", -dy)) if d > 8}
-    if max(abs(dx), abs(dy)) < 24:
-        return None
-    if abs(dx) >= abs(dy):
-        return "left of" if dx > 0 else "right of"
-    return "above" if dy > 0 else "below"
-
-
-def _where(t, scene):
-    """"left", "right", "top", "bottom" or "middle": the side of the image the shape is on."""
-    dx, dy = t.x - scene.width / 2, t.y - scene.height / 2
-    if max(abs(dx), abs(dy)) < 0.15 * min(scene.width, scene.height):
-        return "middle"
-    if abs(dx) >= abs(dy):
-        return "left" if dx < 0 else "right"
-    return "top" if dy < 0 else "bottom"
-
-
-def _region_phrase(t, scene):
-    col = "left" if t.x < scene.width / 3 else "right" if t.x > 2 * scene.width / 3 else ""
-    row = "top" if t.y < scene.height / 3 else "bottom" if t.y > 2 * scene.height / 3 else ""
-    if col and row:
-        return f"in the {row} {col} corner"
-    if col:
-        return f"on the {col}"
-    if row:
-        return f"at the {row}"
-    return "in the middle"
-
-
-def _count(scene, color=None, shape=None):
-    return sum((color is None or t.color == color) and (shape is None or t.shape == shape) for t in scene.things)
-
-
-def _unique(scene, key):
-    """Shapes that are the only ones with their key (e.g. the only circle), so "the circle" is well defined."""
-    keys = collections.Counter(key(t) for t in scene.things)
-    return [t for t in scene.things if keys[key(t)] == 1]
-
-
-def synth_captions(scene, rng, n):
-    """n different true captions (fewer only if the scene allows no more), COCO-like in style."""
-    things, bg = scene.things, scene.background
-
-    def relation():
-        if len(things) < 2:
-            return None
-        a, b = rng.sample(things, 2)
-        rel = _relation(a, b)
-        if rel is None:
-            return None
-        verb = rng.choice(("", "is ", "placed "))
-        return f"{_a(_noun(a, rng.random() < 0.5))} {verb}{rel} {_a(_noun(b, rng.random() < 0.5))}"
-
-    def listing():
-        names = [_a(_noun(t, rng.random() < 0.4)) for t in rng.sample(things, len(things))]
-        text = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-        return rng.choice(("", "a picture of ", "an image with ")) + text
-
-    def counting():
-        n_things = len(things)
-        t = rng.choice(things)
-        return rng.choice((f"{NUMBER_WORDS[n_things]} {_plural('shape', n_things)}",
-                           f"{NUMBER_WORDS[n_things]} {_plural('shape', n_things)} including {_a(_noun(t))}"))
-
-    def position():
-        t = rng.choice(things)
-        return f"{_a(_noun(t, rng.random() < 0.5))} {_region_phrase(t, scene)}"
-
-    def colours():
-        parts = [f"{NUMBER_WORDS[k]} {c} {_plural('shape', k)}"
-                 for c, k in collections.Counter(t.color for t in things).most_common()]
-        return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-
-    def relation_and_place():
-        if len(things) < 2:
-            return None
-        a, b = rng.sample(things, 2)
-        rel = _relation(a, b)
-        return None if rel is None else f"the {_noun(a)} {_region_phrase(a, scene)} is {rel} the {_noun(b)}"
-
-    def in_scene(text):
-        # Every caption names the scene, as most COCO captions do ("... in a kitchen"); here the scene is the
-        # background. Put first or last, so that the 24-token cut of a long caption keeps it more often than not.
-        return text and rng.choice((f"{text} on a {bg} background", f"{text} against a {bg} background",
-                                    f"on a {bg} background {text}"))
-
-    makers = (relation, relation, listing, counting, position, colours, relation_and_place)
-    captions = []
-    for _ in range(200):
-        text = in_scene(rng.choice(makers)())
-        if text and text not in captions:
-            captions.append(text)
-        if len(captions) == n:
-            break
-    return captions
-
-
-def _raw_caption(text, rng):
-    """COCO's raw captions: often capitalised with a period, sometimes with trailing spaces or a newline."""
-    if rng.random() < 0.5:
-        text = text[0].upper() + text[1:] + "."
-    return text + rng.choice(("",) * 8 + (" ", " \n"))
-
-
-def synth_questions(scene, rng, n=3):
-    """n VQA questions: (question, answer, answer_type, question_type, kind)."""
-    things = scene.things
-    colours, shapes = sorted(SYNTH_COLORS), SYNTH_SHAPES
-
-    def colour():
-        t = rng.choice(_unique(scene, lambda t: t.shape) or [None])
-        return t and (f"what color is the {t.shape}?", t.color, "other", "what color is the", "color")
-
-    def shape():
-        t = rng.choice(_unique(scene, lambda t: t.color) or [None])
-        return t and (f"what shape is the {t.color} object?", t.shape, "other", "what shape is the", "shape")
-
-    def count_shape():
-        s = rng.choice([t.shape for t in things] + list(shapes))
-        return (f"how many {s}s are there?", str(_count(scene, shape=s)), "number", "how many", "number")
-
-    def count_colour():
-        c = rng.choice([t.color for t in things] + colours)
-        return (f"how many {c} shapes are there?", str(_count(scene, color=c)), "number", "how many", "number")
-
-    def count_all():
-        question = rng.choice(("how many shapes are there?", "how many objects are in the picture?"))
-        return (question, str(len(things)), "number", "how many", "number")
-
-    def exists():
-        t = rng.choice(things)
-        c, s = t.color, t.shape
-        if rng.random() < 0.5:  # change one attribute into a combination that is not in the image
-            for _ in range(20):
-                c2, s2 = (rng.choice(colours), s) if rng.random() < 0.5 else (c, rng.choice(shapes))
-                if not _count(scene, c2, s2):
-                    c, s = c2, s2
-                    break
-        answer = "yes" if _count(scene, c, s) else "no"
-        return (f"is there {_a(c + ' ' + s)}?", answer, "yes/no", "is there a", "yesno")
-
-    def relation():
-        unique = _unique(scene, lambda t: (t.color, t.shape))
-        if len(unique) < 2:
-            return None
-        a, b = rng.sample(unique, 2)
-        rel = _relation(a, b)
-        if rel is None:
-            return None
-        asked, answer = (rel, "yes") if rng.random() < 0.5 else (OPPOSITE[rel], "no")
-        return (f"is the {_noun(a)} {asked} the {_noun(b)}?", answer, "yes/no", "is the", "yesno")
-
-    def where():
-        t = rng.choice(_unique(scene, lambda t: (t.color, t.shape)) or [None])
-        return t and (f"where is the {_noun(t)}?", _where(t, scene), "other", "where is the", "position")
-
-    def size():
-        t = rng.choice(_unique(scene, lambda t: (t.color, t.shape)) or [None])
-        return t and (f"what size is the {_noun(t)}?", t.size, "other", "what size is the", "size")
-
-    makers = (colour, shape, count_shape, count_colour, count_all, exists, exists, relation, where, size)
-    questions = []
-    for _ in range(100):
-        q = rng.choice(makers)()
-        if q and q[0] not in [x[0] for x in questions]:
-            questions.append(q)
-        if len(questions) == n:
-            break
-    return questions
-
-
-_ANSWER_CHOICES = {"color": sorted(SYNTH_COLORS), "shape": list(SYNTH_SHAPES), "yesno": ["yes", "no"],
-                   "position": ["left", "right", "top", "bottom", "middle"], "size": ["small", "big"]}
-
-
-def synth_human_answers(answer, kind, rng):
-    """10 annotators: most give the answer, a question-dependent few a plausible wrong one, and some write it
-    differently ("Red", "two", "left.") in ways the official normalisation undoes."""
-    difficulty = rng.choice((0.0, 0.05, 0.1, 0.2, 0.3))
-    answers = []
-    for _ in range(10):
-        a = answer
-        if rng.random() < difficulty:
-            if kind == "number":
-                a = str(max(0, int(answer) + rng.choice((-1, 1))))
-            else:
-                a = rng.choice([c for c in _ANSWER_CHOICES[kind] if c != answer])
-        r = rng.random()
-        if r < 0.04:
-            a = a.capitalize()
-        elif r < 0.08 and kind == "number":
-            a = NUMBER_WORDS[int(a)]
-        elif r < 0.10:
-            a = a + "."
-        elif r < 0.12 and kind == "position":
-            a = "the " + a
-        answers.append(a)
-    return answers
-
-
-# -- statements that are true, false (one attribute changed) or undecidable: SNLI-VE --
-
-def _holds(scene, fact, weak=False):
-    """Whether a fact is true of a scene; weak=True reads relations loosely (to be sure a contradiction is false)."""
-    kind, things = fact[0], scene.things
-    if kind == "exists":
-        _, c, s, z = fact
-        return any(t.color == c and t.shape == s and (z is None or t.size == z) for t in things)
-    if kind == "count":
-        return len(things) == fact[1]
-    if kind == "all_color":
-        return all(t.color == fact[1] for t in things)
-    _, c1, s1, rel, c2, s2 = fact  # relation
-    pairs = [(a, b) for a in things for b in things
-             if a is not b and (a.color, a.shape) == (c1, s1) and (b.color, b.shape) == (c2, s2)]
-    return any(rel in _relation(a, b, weak=True) if weak else rel == _relation(a, b) for a, b in pairs)
-
-
-def _true_fact(scene, rng):
-    t = rng.choice(scene.things)
-    kind = rng.choice(("exists", "exists", "count", "relation", "relation", "all_color"))
-    if kind == "relation" and len(scene.things) >= 2:
-        a, b = rng.sample(scene.things, 2)
-        rel = _relation(a, b)
-        if rel is not None:
-            return ("relation", a.color, a.shape, rel, b.color, b.shape)
-    if kind == "count":
-        return ("count", len(scene.things))
-    if kind == "all_color" and _holds(scene, ("all_color", t.color)):
-        return ("all_color", t.color)
-    return ("exists", t.color, t.shape, t.size if rng.random() < 0.3 else None)
-
-
-def _change_one_attribute(fact, rng):
-    kind = fact[0]
-    if kind == "exists":
-        _, c, s, z = fact
-        which = rng.choice(("color", "shape", "size") if z else ("color", "shape"))
-        if which == "color":
-            return ("exists", rng.choice([x for x in SYNTH_COLORS if x != c]), s, z)
-        if which == "shape":
-            return ("exists", c, rng.choice([x for x in SYNTH_SHAPES if x != s]), z)
-        return ("exists", c, s, "small" if z == "big" else "big")
-    if kind == "count":
-        return ("count", max(1, fact[1] + rng.choice((-1, 1))))
-    if kind == "all_color":
-        return ("all_color", rng.choice([x for x in SYNTH_COLORS if x != fact[1]]))
-    _, c1, s1, rel, c2, s2 = fact
-    if rng.random() < 0.5:
-        return ("relation", c1, s1, OPPOSITE[rel], c2, s2)
-    return ("relation", rng.choice([x for x in SYNTH_COLORS if x != c1]), s1, rel, c2, s2)
-
-
-def _say(fact, rng):
-    kind = fact[0]
-    if kind == "exists":
-        _, c, s, z = fact
-        noun = _a(f"{z} {c} {s}" if z else f"{c} {s}")
-        return rng.choice((f"There is {noun}.", f"The picture contains {noun}.", f"{noun.capitalize()} can be seen."))
-    if kind == "count":
-        n = fact[1]
-        return "There is exactly one shape." if n == 1 else f"The picture shows {NUMBER_WORDS[n]} shapes."
-    if kind == "all_color":
-        return f"All the shapes are {fact[1]}."
-    _, c1, s1, rel, c2, s2 = fact
-    return f"{_a(c1 + ' ' + s1).capitalize()} is {rel} {_a(c2 + ' ' + s2)}."
-
-
-def _neutral_statement(scene, rng):
-    """About shapes in the image, but nothing the image can settle."""
-    t = rng.choice(scene.things)
-    other = rng.choice(scene.things)
-    return rng.choice((
-        f"The {_noun(t)} is made of {rng.choice(('wood', 'paper', 'metal', 'glass', 'plastic'))}.",
-        f"The {_noun(t)} was drawn by a child.",
-        f"Someone is about to move the {_noun(t)}.",
-        f"The {_noun(t)} is the artist's favourite shape.",
-        f"The {_noun(t)} is heavier than the {_noun(other)}." if other is not t else f"The {_noun(t)} is warm.",
-    ))
-
-
-def synth_hypotheses(scene, rng):
-    """One (hypothesis, gold_label) per label, the contradiction a true fact with one attribute changed."""
-    true = _true_fact(scene, rng)
-    false = None
-    for _ in range(30):
-        candidate = _change_one_attribute(_true_fact(scene, rng), rng)
-        if not _holds(scene, candidate, weak=True):
-            false = candidate
-            break
-    if false is None:  # e.g. a single shape and bad luck: a shape of a colour that is not there
-        used = {t.color for t in scene.things}
-        false = ("exists", next(c for c in sorted(SYNTH_COLORS) if c not in used), "circle", None)
-    return [(_say(true, rng), "entailment"), (_neutral_statement(scene, rng), "neutral"),
-            (_say(false, rng), "contradiction")]
-
-
-# -- NLVR2 statements about a pair of images --
-
-def synth_nlvr2_statement(rng):
-    """(sentence, predicate(left scene, right scene) -> bool, (colour, shape) pairs to favour when sampling)."""
-    c, s = rng.choice(sorted(SYNTH_COLORS)), rng.choice(SYNTH_SHAPES)
-    c2, s2 = rng.choice(sorted(SYNTH_COLORS)), rng.choice(SYNTH_SHAPES)
-    n = rng.randint(1, 3)
-    z = rng.choice(("small", "big"))
-    rel = rng.choice(sorted(OPPOSITE))
-    has = lambda scene: _count(scene, c, s) > 0
-    kind = rng.randrange(8)
-    if kind == 0:
-        return (f"The left image contains exactly {NUMBER_WORDS[n]} {c} {_plural('shape', n)}.",
-                lambda L, R: _count(L, color=c) == n, [(c, s)])
-    if kind == 1:
-        return f"Both images contain {_a(c + ' ' + s)}.", lambda L, R: has(L) and has(R), [(c, s)]
-    if kind == 2:
-        return f"Exactly one image contains {_a(c + ' ' + s)}.", lambda L, R: has(L) != has(R), [(c, s)]
-    if kind == 3:
-        return (f"There are more {s}s in the left image than in the right image.",
-                lambda L, R: _count(L, shape=s) > _count(R, shape=s), [(c, s)])
-    if kind == 4:
-        return (f"The right image contains {_a(z + ' ' + c + ' ' + s)}.",
-                lambda L, R: _holds(R, ("exists", c, s, z)), [(c, s)])
-    if kind == 5:
-        return (f"There are {NUMBER_WORDS[n + 1]} {s}s in total.",
-                lambda L, R: _count(L, shape=s) + _count(R, shape=s) == n + 1, [(c, s)])
-    if kind == 6:
-        return (f"In the left image, {_a(c + ' ' + s)} is {rel} {_a(c2 + ' ' + s2)}.",
-                lambda L, R: _holds(L, ("relation", c, s, rel, c2, s2)), [(c, s), (c2, s2)])
-    return (f"One image contains only {c} shapes.",
-            lambda L, R: _holds(L, ("all_color", c)) or _holds(R, ("all_color", c)), [(c, s)])
-
-
-# -- writing the files --
-
-def _save(img, path, fmt="JPEG"):
-    if fmt == "JPEG":
-        img.save(path, "JPEG", quality=90)
-    else:
-        img.save(path, "PNG", compress_level=1)
-
-
-def _split_counts(n, fractions):
-    """Split n items by fractions, at least one per part (when n allows), the first part taking the rest."""
-    counts = [max(1, int(n * f)) for f in fractions[1:]]
-    return [n - sum(counts)] + counts
-
-
-def _write_json(path, obj):
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f)
-
-
-def write_synthetic_world(root, seed=0, n_images=2000, vocab_size=1000):
-    """Render the synthetic world into `root` in the real formats and the --data layout. Deterministic for a seed.
-
-    n_images COCO-style images (Karpathy train / restval / val / test = 60 / 15 / 12.5 / 12.5 %, 5 captions each,
-    a few with 6 or 7), plus n_images/16 COCO test2015 images for VQA test-dev/test; 3 VQA questions per COCO
-    image; n_images/4 Flickr30K-style images with captions, and SNLI-VE: 2 premise captions per image with one
-    hypothesis per label each (6 per image); n_images/10 NLVR2 sentence sets of 4 image pairs each; n_images/16 VG images (a third of
-    them copies of COCO images, with their coco_id); and vocab.txt trained on all the texts. Returns the counts.
+# ---- Random batches ----
+# Batches with the keys, shapes and dtypes of a task's collate (see the table at the top) and random content, for
+# tests and speed measurements that need a batch but no data set. Token ids follow the synthetic world's vocabulary,
+# whose special tokens come first in SPECIAL_TOKENS order: [PAD] = 0, [UNK] = 1, [CLS] = 2, [SEP] = 3, [MASK] = 4.
+
+RANDOM_BATCH_TOKENS = types.SimpleNamespace(pad_id=0, cls_id=2, sep_id=3, mask_id=4, special_ids=(0, 1, 2, 3, 4))
+
+
+def random_images(n, image_size, generator):
+    """n images of image_size (h, w), N(0, 1) pixels, padded as pad_images pads: (images, image_mask)."""
+    h, w = image_size
+    return pad_images([torch.randn(3, h, w, generator=generator) for _ in range(n)])
+
+
+def random_texts(n, text_len, vocab_size, generator):
+    """n texts `[CLS] words [SEP] [PAD]..` of 3 to text_len ids, the first one text_len long (as a collate pads
+    to the longest text): (input_ids long [n, text_len], text_mask bool [n, text_len])."""
+    tokens = RANDOM_BATCH_TOKENS
+    lengths = torch.randint(3, text_len + 1, (n,), generator=generator)
+    lengths[0] = text_len
+    words = torch.randint(len(tokens.special_ids), vocab_size, (n, text_len - 2), generator=generator)
+    rows = [[tokens.cls_id] + words[i, :lengths[i] - 2].tolist() + [tokens.sep_id] for i in range(n)]
+    return pad_token_rows(rows, tokens.pad_id)
+
+
+def random_batch(task, config, n, image_size=None, text_len=None, seed=0):
+    """A batch of `task` as its collate returns it (the training collate: RetrievalTrainDataset for retrieval),
+    with random content, on the CPU; the same for the same arguments.
+
+    config: anything with vocab_size, num_answers, image_short and max_text_len (a SOHOConfig).
+    n: images for pretrain (each with 4 texts: 2 matched, 2 mismatched), examples otherwise (NLVR2: 2n images).
+    image_size: (h, w) of every image (default: image_short square), padded to a multiple of 32 as pad_images does.
+    text_len: the width of input_ids (default: max_text_len, at least 3); each text is 3 to text_len ids long.
+    Pre-training texts are masked as PretrainDataset masks them (mask_tokens: every text, at least one target per
+    text, never [CLS] or [SEP]); the MLM labels are kept on the matched texts only.
     """
-    rng_for = lambda part: random.Random(f"{seed}/{part}")
-    texts, counts = [], {}
-    for d in ("coco/train2014", "coco/val2014", "coco/test2015", "vg/VG_100K", "vg/VG_100K_2", "vqa",
-              "nlvr2/images/train", "nlvr2/dev", "nlvr2/test1", "flickr30k/flickr30k-images", "snli-ve"):
-        os.makedirs(os.path.join(root, d), exist_ok=True)
-
-    # COCO: Karpathy-split captions; images in train2014 (Karpathy train) and val2014 (restval, val, test)
-    rng = rng_for("coco")
-    n_test2015 = max(2, n_images // 16)
-    coco_ids = rng.sample(range(1, 600000), n_images + n_test2015)
-    split_of = [s for s, k in zip(("train", "restval", "val", "test"),
-                                  _split_counts(n_images, (0.6, 0.15, 0.125, 0.125))) for _ in range(k)]
-    rng.shuffle(split_of)
-    coco_images, coco_scenes, sentid = [], [], 0
-    for imgid in range(n_images):
-        split, cocoid = split_of[imgid], coco_ids[imgid]
-        folder = "train2014" if split == "train" else "val2014"
-        filename = f"COCO_{folder}_{cocoid:012d}.jpg"
-        scene = random_scene(rng)
-        _save(render_scene(scene), os.path.join(root, "coco", folder, filename))
-        captions = synth_captions(scene, rng, rng.choice((5,) * 18 + (6, 7)))
-        sentences = []
-        for caption in captions:
-            raw = _raw_caption(caption, rng)
-            sentences.append({"tokens": re.findall(r"[a-z]+", raw.lower()), "raw": raw, "imgid": imgid,
-                              "sentid": sentid})
-            sentid += 1
-        texts += captions
-        coco_images.append({"filepath": folder, "sentids": [s["sentid"] for s in sentences], "filename": filename,
-                            "imgid": imgid, "split": split, "sentences": sentences, "cocoid": cocoid})
-        coco_scenes.append(scene)
-    _write_json(os.path.join(root, "coco", "dataset_coco.json"), {"images": coco_images, "dataset": "coco"})
-    counts["coco"] = dict(collections.Counter(split_of))
-
-    # VQA v2 on the COCO images (and test2015 images for test-dev / test-std)
-    rng = rng_for("vqa")
-    test_scenes = []
-    for k in range(n_test2015):
-        scene = random_scene(rng)
-        image_id = coco_ids[n_images + k]
-        _save(render_scene(scene), os.path.join(root, "coco", "test2015", f"COCO_test2015_{image_id:012d}.jpg"))
-        test_scenes.append((image_id, scene))
-    subsets = {"train2014": [], "val2014": [], "test2015": test_scenes}
-    for record, scene in zip(coco_images, coco_scenes):
-        subsets[record["filepath"]].append((record["cocoid"], scene))
-    info = {"description": "SOHO synthetic world (VQA v2 format)", "version": "2.0", "year": 2017}
-    for subset, images in subsets.items():
-        questions, annotations = [], []
-        for image_id, scene in images:
-            for k, (question, answer, answer_type, question_type, kind) in enumerate(synth_questions(scene, rng)):
-                qid = image_id * 1000 + k
-                questions.append({"image_id": image_id, "question": question, "question_id": qid})
-                texts.append(question)
-                answers = synth_human_answers(answer, kind, rng)
-                normalized = collections.Counter(normalize_vocab_answer(a) for a in answers)
-                annotations.append({
-                    "question_type": question_type, "multiple_choice_answer": normalized.most_common(1)[0][0],
-                    "answers": [{"answer": a, "answer_confidence": "yes" if a == answer else rng.choice(("yes", "maybe", "no")),
-                                 "answer_id": j + 1} for j, a in enumerate(answers)],
-                    "image_id": image_id, "answer_type": answer_type, "question_id": qid})
-        header = {"info": info, "task_type": "Open-Ended", "data_type": "mscoco", "license": {}}
-        _write_json(os.path.join(root, "vqa", VQA_QUESTION_FILES[subset]),
-                    dict(header, data_subtype=subset, questions=questions))
-        if subset in VQA_ANNOTATION_FILES:
-            _write_json(os.path.join(root, "vqa", VQA_ANNOTATION_FILES[subset]),
-                        {"info": info, "license": {}, "data_subtype": subset, "data_type": "mscoco",
-                         "annotations": annotations})
-        else:  # test-dev2015 is a subset of test2015: the questions of its first half of the images
-            dev_images = {image_id for image_id, _ in images[:max(1, len(images) // 2)]}
-            _write_json(os.path.join(root, "vqa", VQA_QUESTION_FILES["test-dev2015"]),
-                        dict(header, data_subtype="test-dev2015",
-                             questions=[q for q in questions if q["image_id"] in dev_images]))
-        counts[f"vqa_{subset}"] = len(questions)
-
-    # Flickr30K (Karpathy split) and SNLI-VE on its images
-    rng = rng_for("flickr30k")
-    n_flickr = max(3, n_images // 4)
-    flickr_split = [s for s, k in zip(("train", "val", "test"), _split_counts(n_flickr, (0.8, 0.1, 0.1)))
-                    for _ in range(k)]
-    flickr_ids = rng.sample(range(10 ** 8, 10 ** 9), n_flickr)
-    flickr_images, snli = [], {"train": [], "val": [], "test": []}
-    for imgid in range(n_flickr):
-        scene = random_scene(rng)
-        filename = f"{flickr_ids[imgid]}.jpg"
-        _save(render_scene(scene), os.path.join(root, "flickr30k", "flickr30k-images", filename))
-        captions = synth_captions(scene, rng, 5)
-        texts += captions
-        sentences = [{"tokens": re.findall(r"[a-z]+", c.lower()), "raw": _raw_caption(c, rng), "imgid": imgid,
-                      "sentid": imgid * 5 + k} for k, c in enumerate(captions)]
-        flickr_images.append({"sentids": [s["sentid"] for s in sentences], "imgid": imgid, "sentences": sentences,
-                              "split": flickr_split[imgid], "filename": filename})
-        for k in rng.sample(range(len(captions)), min(2, len(captions))):  # two premises per image
-            premise = sentences[k]["raw"].strip()
-            for hypothesis, label in synth_hypotheses(scene, rng):
-                texts.append(hypothesis)
-                snli[flickr_split[imgid]].append({
-                    "annotator_labels": [label], "captionID": f"{filename}#{k}", "gold_label": label,
-                    "pairID": f"{filename}#{k}r1{label[0]}", "sentence1": premise, "sentence2": hypothesis,
-                    "Flickr30K_ID": filename[:-4]})
-    _write_json(os.path.join(root, "flickr30k", "dataset_flickr30k.json"),
-                {"images": flickr_images, "dataset": "flickr30k"})
-    for split, snli_split in (("train", "train"), ("dev", "val"), ("test", "test")):
-        with open(os.path.join(root, "snli-ve", f"snli_ve_{split}.jsonl"), "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in snli[snli_split])
-        counts[f"snli-ve_{split}"] = len(snli[snli_split])
-    counts["flickr30k"] = dict(collections.Counter(flickr_split))
-
-    # NLVR2: sets of 4 image pairs sharing a sentence, labels balanced where the sampling allows
-    rng = rng_for("nlvr2")
-    n_sets = max(3, n_images // 10)
-    set_counts = _split_counts(n_sets, (0.75, 0.125, 0.125))
-    set_id = 0
-    for split, n_split_sets in zip(("train", "dev", "test1"), set_counts):
-        lines = []
-        for _ in range(n_split_sets):
-            sentence, predicate, prefer = synth_nlvr2_statement(rng)
-            texts.append(sentence)
-            wanted = [True, True, False, False]
-            rng.shuffle(wanted)
-            for pair, want in enumerate(wanted):
-                for _ in range(300):
-                    left, right = random_scene(rng, prefer=prefer), random_scene(rng, prefer=prefer)
-                    if predicate(left, right) == want:
-                        break
-                label = predicate(left, right)  # the label is always the truth, balance is best effort
-                stem = f"{split}-{set_id}-{pair}"
-                record = {"identifier": f"{stem}-0", "sentence": sentence, "label": str(label),
-                          "left_url": f"https://synthetic.invalid/{stem}-img0.png",
-                          "right_url": f"https://synthetic.invalid/{stem}-img1.png",
-                          "synset": "n00027807", "query": f"{prefer[0][0]} {prefer[0][1]}"}
-                folder = os.path.join(root, "nlvr2", "dev" if split == "dev" else "test1")
-                if split == "train":
-                    record["directory"] = set_id % 100
-                    folder = os.path.join(root, "nlvr2", "images", "train", str(set_id % 100))
-                    os.makedirs(folder, exist_ok=True)
-                for side, scene in (("img0", left), ("img1", right)):  # a quarter are JPEGs named .png, as in NLVR2
-                    _save(render_scene(scene), os.path.join(folder, f"{stem}-{side}.png"),
-                          "JPEG" if rng.random() < 0.25 else "PNG")
-                lines.append(record)
-            set_id += 1
-        with open(os.path.join(root, "nlvr2", f"{split}.json"), "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in lines)
-        counts[f"nlvr2_{split}"] = len(lines)
-
-    # Visual Genome: region descriptions; a third of the images are COCO images (same scene, coco_id set)
-    rng = rng_for("vg")
-    n_vg = max(2, n_images // 16)
-    region_descriptions, image_data, region_id = [], [], 1
-    for image_id in range(1, n_vg + 1):
-        if image_id % 3 == 1:
-            k = rng.randrange(n_images)
-            scene, coco_id = coco_scenes[k], coco_images[k]["cocoid"]
-        else:
-            scene, coco_id = random_scene(rng), None
-        folder = "VG_100K" if image_id <= n_vg // 2 else "VG_100K_2"
-        _save(render_scene(scene), os.path.join(root, "vg", folder, f"{image_id}.jpg"))
-        regions = []
-        for t in scene.things:
-            phrase = rng.choice((_noun(t), _noun(t, True), f"{_noun(t)} {_region_phrase(t, scene)}"))
-            others = [u for u in scene.things if u is not t and _relation(t, u)]
-            if others and rng.random() < 0.5:
-                u = rng.choice(others)
-                phrase = f"{_noun(t)} {_relation(t, u)} {_noun(u)}"
-            texts.append(phrase)
-            regions.append({"region_id": region_id, "width": 2 * t.r, "height": 2 * t.r, "image_id": image_id,
-                            "phrase": phrase, "y": t.y - t.r, "x": t.x - t.r})
-            region_id += 1
-        region_descriptions.append({"regions": regions, "id": image_id})
-        image_data.append({"width": scene.width, "url": f"https://cs.stanford.edu/people/rak248/{folder}/{image_id}.jpg",
-                           "height": scene.height, "image_id": image_id, "coco_id": coco_id, "flickr_id": None})
-    _write_json(os.path.join(root, "vg", "region_descriptions.json"), region_descriptions)
-    _write_json(os.path.join(root, "vg", "image_data.json"), image_data)
-    counts["vg"] = n_vg
-
-    # the WordPiece vocabulary of this world, so no BERT file is needed
-    train_wordpiece_vocab(texts + [a for a in _ANSWER_CHOICES for a in _ANSWER_CHOICES[a]],
-                          os.path.join(root, "vocab.txt"), vocab_size)
-    manifest = {"seed": seed, "n_images": n_images, "counts": counts, "format_version": SYNTH_VERSION}
-    _write_json(os.path.join(root, SYNTH_MANIFEST), manifest)  # written last: marks the world complete
-    return manifest
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r} (expected one of {', '.join(TASKS)})")
+    g = torch.Generator().manual_seed(seed)
+    text_len = max(3, text_len or config.max_text_len)
+    n_images = 2 * n if task == "nlvr2" else n
+    n_texts = 4 * n if task == "pretrain" else n
+    images, image_mask = random_images(n_images, image_size or (config.image_short, config.image_short), g)
+    input_ids, text_mask = random_texts(n_texts, text_len, config.vocab_size, g)
+    batch = {"images": images, "image_mask": image_mask, "input_ids": input_ids, "text_mask": text_mask}
+    if task == "pretrain":
+        batch.update(_random_pretrain_fields(batch, config.vocab_size, n, g))
+    elif task == "retrieval":
+        batch.update(image_ids=list(range(n)), texts=[f"text {i}" for i in range(n)])
+    elif task == "vqa":
+        batch.update(_random_vqa_fields(config.num_answers, n, g))
+    elif task == "nlvr2":
+        batch.update(labels=torch.randint(2, (n,), generator=g), identifier=[f"random-{i}-0" for i in range(n)])
+    else:
+        batch.update(labels=torch.randint(len(SNLI_VE_LABELS), (n,), generator=g),
+                     pair_id=[f"random#{i}" for i in range(n)])
+    batch["skipped"] = 0
+    return batch
 
 
-def ensure_synthetic_world(root=None, seed=0, **kwargs):
-    """Write the synthetic world into `root` (default: default_data_root()) unless it is already there; returns
-    root. It is written into a temporary folder and renamed, so an interrupted run leaves nothing half-written
-    and concurrent callers (several ranks) end up with one complete world."""
-    root = os.path.abspath(root or default_data_root())
-    manifest = os.path.join(root, SYNTH_MANIFEST)
-    if os.path.isfile(manifest):
-        version = read_json(manifest, "a synthetic world's manifest").get("format_version", 1)
-        if version != SYNTH_VERSION:
-            raise DataError(f"{root} holds a synthetic world of version {version}, this code writes version "
-                            f"{SYNTH_VERSION}: remove the folder, or write a new one elsewhere")
-        return root
-    if os.path.isdir(root) and os.listdir(root):
-        raise DataError(f"{root} is not empty but has no {SYNTH_MANIFEST}: not a synthetic world; remove it")
-    os.makedirs(os.path.dirname(root), exist_ok=True)
-    tmp = f"{root}.{os.getpid()}.tmp"
-    print(f"writing the synthetic world to {root} (once, about half a minute)", file=sys.stderr, flush=True)
-    try:
-        write_synthetic_world(tmp, seed, **kwargs)
-        try:
-            os.rename(tmp, root)
-        except OSError:
-            if not os.path.isfile(manifest):  # not another process that finished first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+def _random_pretrain_fields(batch, vocab_size, n, g):
+    """What PretrainDataset.collate adds to images and texts: image i's texts are rows 4i..4i+3, matched, matched,
+    mismatched (a text of image text_source), mismatched."""
+    tokenizer = types.SimpleNamespace(vocab_size=vocab_size, **vars(RANDOM_BATCH_TOKENS))
+    masked, labels = mask_tokens(batch["input_ids"], batch["text_mask"], tokenizer, generator=g)
+    itm_label = torch.tensor([1, 1, 0, 0]).repeat(n)
+    other = (torch.arange(n)[:, None] + torch.randint(1, max(n, 2), (n, 2), generator=g)) % n  # another image
+    text_source = torch.cat([torch.arange(n)[:, None].expand(n, 2), other], dim=1).flatten()
+    return {"input_ids": masked, "img_index": torch.arange(n).repeat_interleave(4), "itm_label": itm_label,
+            "mlm_labels": labels.masked_fill(itm_label[:, None] == 0, IGNORE),
+            "image_ids": [f"random:{i}" for i in range(n)], "texts": [f"text {k}" for k in range(4 * n)],
+            "text_source": text_source}
+
+
+def _random_vqa_fields(num_answers, n, g):
+    """What VQADataset.collate adds: soft scores of 10 annotators' answers (1 to 3 distinct ones) per question."""
+    targets = torch.zeros(n, num_answers)
+    answers = []
+    for i in range(n):
+        distinct = torch.randperm(num_answers, generator=g)[:int(torch.randint(1, 4, (), generator=g))].tolist()
+        counts = [10 - 2 * (len(distinct) - 1)] + [2] * (len(distinct) - 1)  # 10 answers in all
+        for a, count in zip(distinct, counts):
+            targets[i, a] = vqa_soft_score(count)
+        answers.append([f"answer {a}" for a, count in zip(distinct, counts) for _ in range(count)])
+    answer_type = [VQA_ANSWER_TYPES[int(k)] for k in torch.randint(len(VQA_ANSWER_TYPES), (n,), generator=g)]
+    return {"targets": targets, "question_id": torch.arange(n) * 1000, "answer_type": answer_type,
+            "answers": answers}
 
 
 # ---- Loading speed ----
@@ -2052,7 +1552,10 @@ def _check(data_root, vocab, image_short, image_long, full=False):
 
 
 def _bench(args):
-    data_root = args.data or ensure_synthetic_world()
+    data_root = args.data
+    if data_root is None:
+        import synthetic  # not at the top: synthetic.py imports data.py (it writes what data.py reads)
+        data_root = synthetic.ensure_synthetic_world()
     tokenizer = Tokenizer.from_vocab(args.vocab or os.path.join(data_root, "vocab.txt"), 24)
     config = types.SimpleNamespace(image_short=args.image_short, image_long=args.image_long, max_text_len=24)
     dataset = build_dataset("pretrain", "train", data_root, tokenizer, config, seed=0)
@@ -2066,12 +1569,9 @@ def _bench(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="SOHO data: synthetic world, checks, loading benchmark")
+    parser = argparse.ArgumentParser(description="SOHO data: checks of a --data folder, loading benchmark "
+                                     "(the synthetic world: python synthetic.py)")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("synth", help="write the synthetic world")
-    p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--images", type=int, default=2000, help="COCO-style images; the other tasks scale with it")
     p = sub.add_parser("check", help="count what a --data folder holds, task by task")
     p.add_argument("--data", required=True)
     p.add_argument("--vocab", default=None, help="vocab.txt (default: DIR/vocab.txt)")
@@ -2091,15 +1591,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    if args.command == "synth":
-        t0 = time.time()
-        if os.path.exists(os.path.join(args.out, SYNTH_MANIFEST)):
-            print(f"{args.out} already holds a synthetic world")
-            return
-        manifest = write_synthetic_world(args.out, args.seed, args.images)
-        print(json.dumps(manifest["counts"]))
-        print(f"wrote {args.out} in {time.time() - t0:.1f} s")
-    elif args.command == "check":
+    if args.command == "check":
         if _check(args.data, args.vocab, args.image_short, args.image_long, full=args.full):
             sys.exit(1)
     else:

@@ -27,6 +27,7 @@ batch size or the number of ranks; --batch-size 1 makes every image's features i
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -45,6 +46,7 @@ from tqdm import tqdm
 
 import data
 import soho
+import synthetic
 import train
 from soho import SOHO, vd_embed, vq_lookup
 
@@ -277,9 +279,9 @@ def refuse_trained_split(ckpt, path, task, split):
 
 def data_root_of(args, ckpt):
     """--data, else the checkpoint's data root, else the synthetic world (written once if missing)."""
-    root = args.data or (ckpt or {}).get("data_root") or data.default_data_root()
-    if os.path.abspath(root) == os.path.abspath(data.default_data_root()):
-        data.ensure_synthetic_world(root)
+    root = args.data or (ckpt or {}).get("data_root") or synthetic.default_data_root()
+    if os.path.abspath(root) == os.path.abspath(synthetic.default_data_root()):
+        synthetic.ensure_synthetic_world(root)
     elif not os.path.isdir(root):
         given = "--data" if args.data else "the checkpoint's data folder"
         raise SystemExit(f"{given} {root} does not exist (expected a folder in the layout of data.py's docstring"
@@ -338,13 +340,13 @@ def pad_and_stack(tensors, length):
 
 
 @torch.no_grad()
-def image_tokens_of(model, dataset, indices, args, device, amp, rank):
+def image_tokens_of(model, dataset, indices, args, ctx):
     """Visual tokens of dataset[indices] (the CNN runs once per image): visual [n, L, H] float32, valid [n, L]."""
     visual, valid, seen = [], [], []
     loader = eval_loader(dataset, indices, args.batch_size, args.workers)
-    for batch in tqdm(loader, desc="images (CNN)", disable=rank != 0, dynamic_ncols=True):
-        with train.autocast_context(device, amp):
-            v, m = model.image_tokens(batch["images"].to(device), batch["image_mask"].to(device))
+    for batch in tqdm(loader, desc="images (CNN)", disable=ctx.rank != 0, dynamic_ncols=True):
+        with train.autocast_context(ctx.device, ctx.amp):
+            v, m = model.image_tokens(batch["images"].to(ctx.device), batch["image_mask"].to(ctx.device))
         v, m = compact_visual_tokens(v.float(), m)
         visual.append(v)
         valid.append(m)
@@ -352,34 +354,34 @@ def image_tokens_of(model, dataset, indices, args, device, amp, rank):
     assert seen == list(indices), "the image loader must keep the order of the indices"
     if not visual:
         H = model.config.hidden_size
-        return torch.zeros(0, 1, H, device=device), torch.zeros(0, 1, dtype=torch.bool, device=device)
+        return torch.zeros(0, 1, H, device=ctx.device), torch.zeros(0, 1, dtype=torch.bool, device=ctx.device)
     L = max(v.shape[1] for v in visual)
     return pad_and_stack(visual, L), pad_and_stack(valid, L)
 
 
 @torch.no_grad()
-def score_all_pairs(model, visual, valid, input_ids, text_mask, pair_batch, device, amp, rank):
-    """ITM score (log p(match)) of every (image row, text row) pair: [n_images, n_texts] float32 on device.
+def score_all_pairs(model, visual, valid, input_ids, text_mask, pair_batch, ctx):
+    """ITM score (log p(match)) of every (image row, text row) pair: [n_images, n_texts] float32 on ctx.device.
 
     Pairs are enumerated image-major and scored pair_batch at a time, whatever the number of texts per image,
     so the transformer always sees large batches.
     """
     n_img, n_txt = visual.shape[0], input_ids.shape[0]
     total = n_img * n_txt
-    scores = torch.empty(total, device=device)
-    bar = tqdm(total=total, desc="pairs (transformer)", unit="pair", unit_scale=True, disable=rank != 0,
+    scores = torch.empty(total, device=ctx.device)
+    bar = tqdm(total=total, desc="pairs (transformer)", unit="pair", unit_scale=True, disable=ctx.rank != 0,
                dynamic_ncols=True)
     for start in range(0, total, pair_batch):
-        flat = torch.arange(start, min(start + pair_batch, total), device=device)
+        flat = torch.arange(start, min(start + pair_batch, total), device=ctx.device)
         i, t = flat // n_txt, flat % n_txt
-        with train.autocast_context(device, amp):
+        with train.autocast_context(ctx.device, ctx.amp):
             scores[start:start + len(flat)] = model.itm_scores(visual[i], valid[i], input_ids[t], text_mask[t])
         bar.update(len(flat))
     bar.close()
     return scores.view(n_img, n_txt)
 
 
-def evaluate_retrieval(model, ckpt, args, device, amp, rank, world_size):
+def evaluate_retrieval(model, ckpt, args, ctx):
     """TR/IR R@1,5,10 on COCO (5K and 1K folds) or Flickr30K (1K) test images and their first 5 captions."""
     cfg = model.config
     data_root = data_root_of(args, ckpt)
@@ -390,20 +392,20 @@ def evaluate_retrieval(model, ckpt, args, device, amp, rank, world_size):
     txt2img_all = torch.as_tensor(dataset.txt2img)
     text_indices = (txt2img_all < n_images).nonzero().flatten().tolist()  # the captions of the kept images
     texts = dataset.texts.collate([dataset.texts[k] for k in text_indices])  # every rank needs every text
-    input_ids, text_mask = texts["input_ids"].to(device), texts["text_mask"].to(device)
+    input_ids, text_mask = texts["input_ids"].to(ctx.device), texts["text_mask"].to(ctx.device)
     txt2img = texts["txt2img"]
     n_texts = len(text_indices)
 
-    mine = shard(n_images, rank, world_size)
+    mine = shard(n_images, ctx.rank, ctx.world_size)
     barrier()
     t0 = time.time()
-    visual, valid = image_tokens_of(model, dataset, mine, args, device, amp, rank)
-    synchronize(device)
+    visual, valid = image_tokens_of(model, dataset, mine, args, ctx)
+    synchronize(ctx.device)
     t1 = time.time()
-    scores = score_all_pairs(model, visual, valid, input_ids, text_mask, args.pair_batch, device, amp, rank)
+    scores = score_all_pairs(model, visual, valid, input_ids, text_mask, args.pair_batch, ctx)
     parts = gather_to_rank0({"index": mine, "scores": scores.cpu().numpy()})
     t2 = time.time()
-    if rank != 0:
+    if ctx.rank != 0:
         return None
 
     full = np.full((n_images, n_texts), np.nan, dtype=np.float32)
@@ -421,7 +423,7 @@ def evaluate_retrieval(model, ckpt, args, device, amp, rank, world_size):
     result = {
         "task": "retrieval", "source": source, "split": args.split, "images": n_images, "texts": n_texts,
         "pairs_scored": n_images * n_texts, "seconds_cnn": t1 - t0, "seconds_pairs": t2 - t1,
-        "pairs_per_second": n_images * n_texts / max(t2 - t1, 1e-9), "world_size": world_size, "amp": amp,
+        "pairs_per_second": n_images * n_texts / max(t2 - t1, 1e-9), "world_size": ctx.world_size, "amp": ctx.amp,
         "tie_rule": "ties are broken against the ground truth", "metrics": metrics,
     }
     if args.save_scores:
@@ -435,16 +437,16 @@ def evaluate_retrieval(model, ckpt, args, device, amp, rank, world_size):
 
 
 @torch.no_grad()
-def predict(model, task, dataset, indices, args, device, amp, rank):
+def predict(model, task, dataset, indices, args, ctx):
     """Yield (dataset indices, batch, logits [b, classes] float32 on CPU) over dataset[indices]."""
     loader = eval_loader(dataset, indices, args.batch_size, args.workers)
     pos = 0
-    for batch in tqdm(loader, desc=task, disable=rank != 0, dynamic_ncols=True):
+    for batch in tqdm(loader, desc=task, disable=ctx.rank != 0, dynamic_ncols=True):
         if batch.get("skipped"):
             raise RuntimeError("an image could not be read; evaluation needs every example")
         n = batch["input_ids"].shape[0]
-        with train.autocast_context(device, amp):
-            logits = model.task_logits(task, train.to_device(batch, device))
+        with train.autocast_context(ctx.device, ctx.amp):
+            logits = model.task_logits(task, train.to_device(batch, ctx.device))
         yield indices[pos:pos + n], batch, logits.float().cpu()
         pos += n
 
@@ -460,7 +462,7 @@ def answer_vocabulary_of(ckpt, cfg, data_root):
     return answers
 
 
-def evaluate_classification(model, ckpt, args, device, amp, rank, world_size):
+def evaluate_classification(model, ckpt, args, ctx):
     """VQA (accuracy overall / per answer type, answers file), NLVR2 (accuracy, consistency), SNLI-VE (accuracy,
     per class)."""
     task, cfg = args.task, model.config
@@ -471,12 +473,12 @@ def evaluate_classification(model, ckpt, args, device, amp, rank, world_size):
         opts["answer_vocab"] = answers
     dataset = data.build_dataset(task, args.split, data_root, tokenizer_of(ckpt, cfg, data_root), cfg, **opts)
     n = len(dataset) if not args.max_examples else min(args.max_examples, len(dataset))
-    mine = shard(n, rank, world_size)
+    mine = shard(n, ctx.rank, ctx.world_size)
 
     barrier()
     t0 = time.time()
     rows = []
-    for idx, batch, logits in predict(model, task, dataset, mine, args, device, amp, rank):
+    for idx, batch, logits in predict(model, task, dataset, mine, args, ctx):
         pred = logits.argmax(-1).tolist()
         for k, i in enumerate(idx):
             if task == "vqa":
@@ -492,11 +494,11 @@ def evaluate_classification(model, ckpt, args, device, amp, rank, world_size):
                              "label": int(batch["labels"][k])})
     parts = gather_to_rank0(rows)
     seconds = time.time() - t0
-    if rank != 0:
+    if ctx.rank != 0:
         return None
     rows = merge_examples(parts, n)
     result = {"task": task, "split": args.split, "examples": n, "of_split": len(dataset), "seconds": seconds,
-              "world_size": world_size, "amp": amp}
+              "world_size": ctx.world_size, "amp": ctx.amp}
     if task == "vqa":
         result["answers_file"] = [{"question_id": r["question_id"], "answer": r["answer"]} for r in rows]
         if all(r["accuracy"] is not None for r in rows) and rows:
@@ -513,26 +515,26 @@ def evaluate_classification(model, ckpt, args, device, amp, rank, world_size):
 
 
 @torch.no_grad()
-def itm_accuracy(model, dataset, device, amp, batch_size=16, max_images=0, workers=2, rank=0, world_size=1):
+def itm_accuracy(model, dataset, ctx, batch_size=16, max_images=0, workers=2):
     """Pre-training's ITM (Eq. 8) on held-out images (data.build_dataset("pretrain", "val")): each image with its
     4 texts, 2 matched and 2 mismatched captions, nothing masked. Returns (on rank 0) the accuracy over all pairs,
     over the matched and over the mismatched ones; None on the other ranks. A model that ignores the image can
     reach 0.5 overall only by answering every pair alike, so the two kinds are reported apart."""
     n = len(dataset) if not max_images else min(max_images, len(dataset))
-    mine, rows, pos = shard(n, rank, world_size), [], 0
+    mine, rows, pos = shard(n, ctx.rank, ctx.world_size), [], 0
     was_training = model.training
     model.eval()
     for batch in eval_loader(dataset, mine, batch_size, workers):
         if batch.get("skipped"):
             raise RuntimeError("an image could not be read; evaluation needs every example")
-        with train.autocast_context(device, amp):
-            logits = model.pretrain_itm_logits(train.to_device(batch, device))
+        with train.autocast_context(ctx.device, ctx.amp):
+            logits = model.pretrain_itm_logits(train.to_device(batch, ctx.device))
         correct = (logits.argmax(-1).cpu() == batch["itm_label"]).view(-1, 4)  # [images, 4 texts]
         rows += [{"index": i, "correct": correct[k].tolist()} for k, i in enumerate(mine[pos:pos + len(correct)])]
         pos += len(correct)
     model.train(was_training)
     parts = gather_to_rank0(rows)
-    if rank != 0:
+    if ctx.rank != 0:
         return None
     correct = torch.tensor([r["correct"] for r in merge_examples(parts, n)], dtype=torch.float64)  # [n, 4]
     m = {"images": n, "pairs": 4 * n, "accuracy": correct.mean().item(),
@@ -543,25 +545,24 @@ def itm_accuracy(model, dataset, device, amp, batch_size=16, max_images=0, worke
     return m
 
 
-def evaluate_itm(model, ckpt, args, device, amp, rank, world_size):
+def evaluate_itm(model, ckpt, args, ctx):
     """Held-out pre-training ITM: with the real images, and with every image blanked (one constant image). A model
     that looks at the image drops to chance when blanked; a model that reads only the text does not move."""
     cfg = model.config
     data_root = data_root_of(args, ckpt)
     tokenizer = tokenizer_of(ckpt, cfg, data_root)
     text_only = ckpt.get("train_config", {}).get("text_only", False)
-    result = {"task": "itm", "split": args.split, "world_size": world_size, "amp": amp, "metrics": {}}
+    result = {"task": "itm", "split": args.split, "world_size": ctx.world_size, "amp": ctx.amp, "metrics": {}}
     for name, blank in (("images", text_only), ("images blanked", True)):
         dataset = data.build_dataset("pretrain", args.split, data_root, tokenizer, cfg, seed=0, text_only=blank,
                                      negatives=args.negatives)
-        m = itm_accuracy(model, dataset, device, amp, args.batch_size, args.max_images, args.workers, rank,
-                         world_size)
-        if rank == 0:
+        m = itm_accuracy(model, dataset, ctx, args.batch_size, args.max_images, args.workers)
+        if ctx.rank == 0:
             result["metrics"][name] = m
             result["examples"], result["of_split"] = m["images"], len(dataset)
         if text_only:
             break  # the control never saw an image: blanking changes nothing
-    return result if rank == 0 else None
+    return result if ctx.rank == 0 else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -649,10 +650,31 @@ def measure_speed(model, size, device, amp, repeats, warmup, text_len=16, batch=
     g = torch.Generator().manual_seed(0)
     images, image_mask = random_images(batch, size, device, g)
     ids = torch.randint(5, cfg.vocab_size, (batch, text_len), generator=g).to(device)
-    text_mask = torch.ones_like(ids, dtype=torch.bool)
-    dictionary = model.visual_dictionary.embed if cfg.use_vd else None
-
     model.eval()
+    with torch.no_grad(), train.autocast_context(device, amp):
+        V, valid, grid = model.encode(images, image_mask)
+    inference = time_inference_stages(model, images, image_mask, ids, device, amp, repeats, warmup)
+    ms_per_pair = {k: 1000.0 * inference[k] / batch for k in ("cnn", "vd", "transformer", "total") if k in inference}
+    steps = time_pretrain_steps(model, pretrain_images, size, text_len, device, amp, repeats, warmup)
+    n_tokens = vq_tokens or 16 * V.shape[1]  # default: the tokens of 16 images, the official batch per GPU
+    lookups = time_vq_lookup(model, n_tokens, device, repeats, warmup, g)
+    gh, gw = grid
+    return {
+        "size": list(size), "padded_size": list(images.shape[-2:]), "batch": batch, "text_tokens": text_len,
+        "visual_tokens": gh * gw, "grid": [gh, gw], "sequence_length": text_len + gh * gw,
+        "ms_per_pair": ms_per_pair, "ms_sum_of_stages": sum(v for k, v in ms_per_pair.items() if k != "total"),
+        "pretrain_images": pretrain_images, "pretrain_step_s": steps,
+        "pretrain_shared_over_repeated": steps["shared"] / steps["repeated"],
+        "vq_tokens": n_tokens, "vq_lookup_ms": 1000 * lookups["vq_lookup"], "matmul_ms": 1000 * lookups["matmul"],
+        "matmul_shape": [[n_tokens, cfg.hidden_size], [cfg.hidden_size, cfg.vd_size]],
+        "vq_lookup_over_matmul": lookups["vq_lookup"] / lookups["matmul"],
+    }
+
+
+def time_inference_stages(model, images, image_mask, ids, device, amp, repeats, warmup):
+    """Median seconds per call of each inference stage (measure_speed's docstring), side by side."""
+    text_mask = torch.ones_like(ids, dtype=torch.bool)
+    dictionary = model.visual_dictionary.embed if model.config.use_vd else None
     with torch.no_grad(), train.autocast_context(device, amp):
         V, valid, grid = model.encode(images, image_mask)
 
@@ -674,14 +696,17 @@ def measure_speed(model, size, device, amp, repeats, warmup, text_len=16, batch=
               "total": run(pipeline)}
     if dictionary is not None:
         stages["vd"] = run(lambda: vd_embed(vq_lookup(V.reshape(-1, V.shape[-1]), dictionary), dictionary))
-    inference = median_times(stages, device, repeats, warmup)
-    ms_per_pair = {k: 1000.0 * inference[k] / batch for k in ("cnn", "vd", "transformer", "total") if k in inference}
+    return median_times(stages, device, repeats, warmup)
 
-    # ratio 1: the CNN once per image against once per image-text pair, in a full training step
-    shared = synthetic_pretrain_batch(cfg, pretrain_images, size, text_len, device)
+
+def time_pretrain_steps(model, n_images, size, text_len, device, amp, repeats, warmup):
+    """Median seconds of a pre-training step (forward + backward) with the CNN once per image ("shared") and with
+    each image repeated for its 4 texts ("repeated"), side by side. Leaves the model in eval mode, no gradients,
+    and no pending Eq. 4 statistics."""
+    shared = synthetic_pretrain_batch(model.config, n_images, size, text_len, device)
     repeated = dict(shared, images=shared["images"].repeat_interleave(4, 0),
                     image_mask=shared["image_mask"].repeat_interleave(4, 0),
-                    img_index=torch.arange(4 * pretrain_images, device=device))
+                    img_index=torch.arange(4 * n_images, device=device))
 
     def step(b):
         def fn():
@@ -695,31 +720,23 @@ def measure_speed(model, size, device, amp, repeats, warmup, text_len=16, batch=
     steps = median_times({"shared": step(shared), "repeated": step(repeated)}, device, repeats, warmup)
     model.zero_grad(set_to_none=True)
     model.eval()
-    if dictionary is not None:  # the timed steps gathered Eq. 4 statistics; they must not reach an update
+    if model.visual_dictionary is not None:  # the timed steps gathered Eq. 4 statistics; they must not update
         model.visual_dictionary.discard_pending()
+    return steps
 
-    # ratio 2: Eq. 2 against its lower bound, one matrix multiply of the same shape (both in fp32, as vq_lookup)
-    k = cfg.vd_size
-    n_tokens = vq_tokens or 16 * V.shape[1]  # default: the tokens of 16 images, the official batch per GPU
-    v = torch.randn(n_tokens, cfg.hidden_size, generator=g).to(device)
-    d = dictionary.float() if dictionary is not None else torch.randn(k, cfg.hidden_size, generator=g).to(device)
+
+def time_vq_lookup(model, n_tokens, device, repeats, warmup, generator):
+    """Median seconds of Eq. 2 against its lower bound, one matrix multiply of the same shape (both in fp32, as
+    vq_lookup), side by side: {"vq_lookup", "matmul"}."""
+    cfg = model.config
+    v = torch.randn(n_tokens, cfg.hidden_size, generator=generator).to(device)
+    d = (model.visual_dictionary.embed.float() if cfg.use_vd
+         else torch.randn(cfg.vd_size, cfg.hidden_size, generator=generator).to(device))
     d_t = d.t().contiguous()  # [c, k]
     matmul = lambda: v @ d_t
     inner = max(1, min(1000, math.ceil(0.01 / max(timed(matmul, device), 1e-7))))  # >= ~10 ms per measurement
-    lookups = median_times({"vq_lookup": lambda: vq_lookup(v, d), "matmul": matmul}, device, repeats, warmup,
-                           inner={"vq_lookup": inner, "matmul": inner})
-
-    gh, gw = grid
-    return {
-        "size": list(size), "padded_size": list(images.shape[-2:]), "batch": batch, "text_tokens": text_len,
-        "visual_tokens": gh * gw, "grid": [gh, gw], "sequence_length": text_len + gh * gw,
-        "ms_per_pair": ms_per_pair, "ms_sum_of_stages": sum(v for k, v in ms_per_pair.items() if k != "total"),
-        "pretrain_images": pretrain_images, "pretrain_step_s": steps,
-        "pretrain_shared_over_repeated": steps["shared"] / steps["repeated"],
-        "vq_tokens": n_tokens, "vq_lookup_ms": 1000 * lookups["vq_lookup"], "matmul_ms": 1000 * lookups["matmul"],
-        "matmul_shape": [[n_tokens, cfg.hidden_size], [cfg.hidden_size, k]],
-        "vq_lookup_over_matmul": lookups["vq_lookup"] / lookups["matmul"],
-    }
+    return median_times({"vq_lookup": lambda: vq_lookup(v, d), "matmul": matmul}, device, repeats, warmup,
+                        inner={"vq_lookup": inner, "matmul": inner})
 
 
 def evaluate_speed(args, device, amp):
@@ -757,18 +774,18 @@ LABEL_WIDTH = 150  # the column with each row's entry number and usage
 
 
 @torch.no_grad()
-def vd_assignments(model, dataset, indices, args, device, amp, rank):
+def vd_assignments(model, dataset, indices, args, ctx):
     """VD index of every valid visual token of dataset[indices]: an int64 array of rows
     (image index, grid row, grid column, VD entry)."""
     dictionary = model.visual_dictionary.embed
     rows = []
     for batch in tqdm(eval_loader(dataset, indices, args.batch_size, args.workers), desc="images (CNN + VD)",
-                      disable=rank != 0, dynamic_ncols=True):
-        with train.autocast_context(device, amp):
-            V, valid, (gh, gw) = model.encode(batch["images"].to(device), batch["image_mask"].to(device))
+                      disable=ctx.rank != 0, dynamic_ncols=True):
+        with train.autocast_context(ctx.device, ctx.amp):
+            V, valid, (gh, gw) = model.encode(batch["images"].to(ctx.device), batch["image_mask"].to(ctx.device))
         h = vq_lookup(V.reshape(-1, V.shape[-1]), dictionary).view(valid.shape)  # Eq. 2, fp32 inside
         b, t = valid.nonzero(as_tuple=True)
-        image_index = batch["image_index"].to(device)[b]
+        image_index = batch["image_index"].to(ctx.device)[b]
         rows.append(torch.stack([image_index, t // gw, t % gw, h[b, t]], dim=1).cpu())
     return torch.cat(rows).numpy() if rows else np.zeros((0, 4), dtype=np.int64)
 
@@ -834,7 +851,7 @@ def draw_vd_histogram(counts, n_images):
     return canvas, perplexity
 
 
-def evaluate_vd(model, ckpt, args, device, amp, rank, world_size, out_dir):
+def evaluate_vd(model, ckpt, args, ctx, out_dir):
     """Count the VD entries of every valid token of the images, and draw the rows and the usage histogram."""
     cfg = model.config
     if not cfg.use_vd:
@@ -843,8 +860,8 @@ def evaluate_vd(model, ckpt, args, device, amp, rank, world_size, out_dir):
     dataset = data.build_dataset("retrieval", args.split, data_root, tokenizer_of(ckpt, cfg, data_root), cfg,
                                  source=args.source or "coco")
     n = len(dataset) if not args.max_images else min(args.max_images, len(dataset))
-    parts = gather_to_rank0(vd_assignments(model, dataset, shard(n, rank, world_size), args, device, amp, rank))
-    if rank != 0:
+    parts = gather_to_rank0(vd_assignments(model, dataset, shard(n, ctx.rank, ctx.world_size), args, ctx))
+    if ctx.rank != 0:
         return None
     tokens = np.concatenate(parts)
     counts = np.bincount(tokens[:, 3], minlength=cfg.vd_size)
@@ -889,73 +906,84 @@ def format_table(header, rows):
     return "\n".join([lines[0], "-" * len(lines[0])] + lines[1:])
 
 
+def report_retrieval(result):
+    keys = ["tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10"]
+    table = format_table(["", "TR R@1", "TR R@5", "TR R@10", "IR R@1", "IR R@5", "IR R@10"],
+                         [[name] + [m[k] for k in keys] for name, m in result["metrics"].items()])
+    return (f"retrieval, {result['source']} {result['split']}: {result['images']} images x {result['texts']} "
+            f"texts = {result['pairs_scored']:,} pairs scored in {result['seconds_pairs']:.1f} s "
+            f"({result['pairs_per_second']:,.0f} pairs/s; CNN {result['seconds_cnn']:.1f} s), "
+            f"{result['world_size']} rank(s)\n{table}")
+
+
+def report_vqa(result):
+    head = f"vqa {result['split']}: {result['examples']} of {result['of_split']} questions"
+    if "metrics" not in result:
+        return head + " (no annotations: answers file only)"
+    m = result["metrics"]
+    types = [t for t in data.VQA_ANSWER_TYPES if t in m]
+    return head + "\n" + format_table(["", "overall"] + types, [["accuracy", m["overall"]] + [m[t] for t in types]])
+
+
+def report_nlvr2(result):
+    m = result["metrics"]
+    return (f"nlvr2 {result['split']}: {m['examples']} examples in {m['groups']} sentence groups\n"
+            + format_table(["", "accuracy", "consistency"], [["NLVR2", m["accuracy"], m["consistency"]]]))
+
+
+def report_snli_ve(result):
+    m = result["metrics"]
+    return (f"snli-ve {result['split']}: {m['examples']} examples\n"
+            + format_table(["", "accuracy"] + SNLI_VE_CLASSES,
+                           [["SNLI-VE", m["accuracy"]] + [m[c] for c in SNLI_VE_CLASSES]]))
+
+
+def report_speed(result):
+    ms = result["ms_per_pair"]
+    names = {"cnn": "CNN (encode, Eq. 1)", "vd": "VD (vq_lookup + vd_embed, Eq. 2-3)",
+             "transformer": f"transformer (fuse, {result['sequence_length']} tokens)",
+             "total": f"total (one pipeline; sum of stages {result['ms_sum_of_stages']:.2f})"}
+    table = format_table(["stage", "ms / pair"], [[names[k], ms[k]] for k in ("cnn", "vd", "transformer", "total")
+                                                 if k in ms])
+    gh, gw = result["grid"]
+    s = result["pretrain_step_s"]
+    return (f"speed: preset {result['preset']}, {result['size'][0]}x{result['size'][1]} image (padded "
+            f"{result['padded_size'][0]}x{result['padded_size'][1]}), {result['text_tokens']} text tokens + "
+            f"{gh}x{gw} = {result['visual_tokens']} visual tokens = sequence length {result['sequence_length']}; "
+            f"{result['device_name']}, amp {result['amp']}, {result['threads']} threads, {result['batch']} "
+            f"pair(s) per call, median of {result['repeats']} after {result['warmup']} warm-up\n{table}\n"
+            f"pre-training step (forward + backward), {result['pretrain_images']} image(s) x 4 texts: CNN once "
+            f"per image {s['shared']:.3f} s, image repeated per text {s['repeated']:.3f} s, "
+            f"ratio {result['pretrain_shared_over_repeated']:.2f}\n"
+            f"vq_lookup of {result['vq_tokens']} tokens {result['vq_lookup_ms']:.3f} ms vs one "
+            f"[{result['vq_tokens']},{result['matmul_shape'][0][1]}] @ [{result['matmul_shape'][1][0]},"
+            f"{result['matmul_shape'][1][1]}] matmul {result['matmul_ms']:.3f} ms, ratio "
+            f"{result['vq_lookup_over_matmul']:.2f}")
+
+
+def report_itm(result):
+    hard = [k for k in next(iter(result["metrics"].values())) if k.startswith("mismatched_")]  # by kind
+    rows = [[name] + [m[k] for k in ["accuracy", "matched", "mismatched", *hard]]
+            for name, m in result["metrics"].items()]
+    return (f"itm {result['split']} (held-out images): {result['examples']} images x 4 texts (2 matched, "
+            f"2 mismatched captions)\n" + format_table(["", "accuracy", "matched", "mismatched",
+                                                        *[k.replace("_", " ") for k in hard]], rows))
+
+
+def report_vd(result):
+    return (f"vd {result['split']}: {result['tokens']} visual tokens of {result['images']} images; "
+            f"{result['entries_used']} of {result['entries']} entries used, perplexity "
+            f"{result['perplexity']:.1f}\n  {len(result['rows'])} rows: {result['rows_png']}\n"
+            f"  usage histogram: {result['usage_png']}")
+
+
 def report(result):
-    """The human-readable summary of a result dict."""
-    task = result["task"]
-    if task == "retrieval":
-        keys = ["tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10"]
-        table = format_table(["", "TR R@1", "TR R@5", "TR R@10", "IR R@1", "IR R@5", "IR R@10"],
-                             [[name] + [m[k] for k in keys] for name, m in result["metrics"].items()])
-        return (f"retrieval, {result['source']} {result['split']}: {result['images']} images x {result['texts']} "
-                f"texts = {result['pairs_scored']:,} pairs scored in {result['seconds_pairs']:.1f} s "
-                f"({result['pairs_per_second']:,.0f} pairs/s; CNN {result['seconds_cnn']:.1f} s), "
-                f"{result['world_size']} rank(s)\n{table}")
-    if task == "vqa":
-        head = f"vqa {result['split']}: {result['examples']} of {result['of_split']} questions"
-        if "metrics" not in result:
-            return head + " (no annotations: answers file only)"
-        m = result["metrics"]
-        types = [t for t in data.VQA_ANSWER_TYPES if t in m]
-        return head + "\n" + format_table(["", "overall"] + types, [["accuracy", m["overall"]] + [m[t] for t in types]])
-    if task == "nlvr2":
-        m = result["metrics"]
-        return (f"nlvr2 {result['split']}: {m['examples']} examples in {m['groups']} sentence groups\n"
-                + format_table(["", "accuracy", "consistency"], [["NLVR2", m["accuracy"], m["consistency"]]]))
-    if task == "snli-ve":
-        m = result["metrics"]
-        return (f"snli-ve {result['split']}: {m['examples']} examples\n"
-                + format_table(["", "accuracy"] + SNLI_VE_CLASSES,
-                               [["SNLI-VE", m["accuracy"]] + [m[c] for c in SNLI_VE_CLASSES]]))
-    if task == "speed":
-        ms = result["ms_per_pair"]
-        names = {"cnn": "CNN (encode, Eq. 1)", "vd": "VD (vq_lookup + vd_embed, Eq. 2-3)",
-                 "transformer": f"transformer (fuse, {result['sequence_length']} tokens)",
-                 "total": f"total (one pipeline; sum of stages {result['ms_sum_of_stages']:.2f})"}
-        table = format_table(["stage", "ms / pair"], [[names[k], ms[k]] for k in ("cnn", "vd", "transformer", "total")
-                                                     if k in ms])
-        gh, gw = result["grid"]
-        s = result["pretrain_step_s"]
-        return (f"speed: preset {result['preset']}, {result['size'][0]}x{result['size'][1]} image (padded "
-                f"{result['padded_size'][0]}x{result['padded_size'][1]}), {result['text_tokens']} text tokens + "
-                f"{gh}x{gw} = {result['visual_tokens']} visual tokens = sequence length {result['sequence_length']}; "
-                f"{result['device_name']}, amp {result['amp']}, {result['threads']} threads, {result['batch']} "
-                f"pair(s) per call, median of {result['repeats']} after {result['warmup']} warm-up\n{table}\n"
-                f"pre-training step (forward + backward), {result['pretrain_images']} image(s) x 4 texts: CNN once "
-                f"per image {s['shared']:.3f} s, image repeated per text {s['repeated']:.3f} s, "
-                f"ratio {result['pretrain_shared_over_repeated']:.2f}\n"
-                f"vq_lookup of {result['vq_tokens']} tokens {result['vq_lookup_ms']:.3f} ms vs one "
-                f"[{result['vq_tokens']},{result['matmul_shape'][0][1]}] @ [{result['matmul_shape'][1][0]},"
-                f"{result['matmul_shape'][1][1]}] matmul {result['matmul_ms']:.3f} ms, ratio "
-                f"{result['vq_lookup_over_matmul']:.2f}")
-    if task == "itm":
-        hard = [k for k in ("mismatched_hard", "mismatched_random") if k in next(iter(result["metrics"].values()))]
-        rows = [[name] + [m[k] for k in ["accuracy", "matched", "mismatched", *hard]]
-                for name, m in result["metrics"].items()]
-        return (f"itm {result['split']} (held-out images): {result['examples']} images x 4 texts (2 matched, "
-                f"2 mismatched captions)\n" + format_table(["", "accuracy", "matched", "mismatched",
-                                                            *[k.replace("_", " ") for k in hard]], rows))
-    if task == "vd":
-        return (f"vd {result['split']}: {result['tokens']} visual tokens of {result['images']} images; "
-                f"{result['entries_used']} of {result['entries']} entries used, perplexity "
-                f"{result['perplexity']:.1f}\n  {len(result['rows'])} rows: {result['rows_png']}\n"
-                f"  usage histogram: {result['usage_png']}")
+    """The human-readable summary of a result dict (JSON for a task without its own)."""
+    reports = {"retrieval": report_retrieval, "vqa": report_vqa, "nlvr2": report_nlvr2, "snli-ve": report_snli_ve,
+               "speed": report_speed, "itm": report_itm, "vd": report_vd}
+    if result["task"] in reports:
+        return reports[result["task"]](result)
     return json.dumps(result, indent=2)
-
-
-def write_json(path, obj, indent=1):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=indent)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1013,81 +1041,102 @@ def parse_args(argv=None):
 def main(argv=None):
     """Run one evaluation; returns the result dict on rank 0 (None on the other ranks)."""
     args = parse_args(argv)
-    rank, world_size, _, device = train.setup_distributed()
-    if args.device:
-        if world_size > 1:
-            raise SystemExit("--device is for a single process; torchrun picks one device per rank")
-        device = torch.device(args.device)
-    amp = train.resolve_amp(args.amp, device)
-    args.pair_batch = args.pair_batch or (256 if device.type == "cpu" else 1024)
+    ctx = make_context(args)
+    args.pair_batch = args.pair_batch or (256 if ctx.device.type == "cpu" else 1024)
     try:
         if args.task == "speed":
-            result = None
-            if rank == 0:  # timing is per device: one process measures, the others wait
-                result, ckpt_path, preset = evaluate_speed(args, device, amp)
-                out_dir = args.out or (os.path.dirname(ckpt_path) if ckpt_path else os.path.join("runs", "speed"))
-                result["json"] = os.path.join(out_dir, f"speed-{preset}.json")
-                write_json(result["json"], result)
-                print(report(result))
-                print(f"wrote {result['json']}")
-            barrier()
-            return result
-
+            return run_speed(args, ctx)
         ckpt_path = resolve_checkpoint(args.task, args.checkpoint)
-        model, ckpt = train.load_model(ckpt_path, device)
-        trained_for = ckpt.get("task")
-        # zero-shot retrieval with a pre-trained ITM head is fine, and every checkpoint carries the VD
-        if rank == 0 and args.task != "vd" and trained_for not in (args.task, None) and \
-                not (args.task in ("retrieval", "itm") and trained_for == "pretrain"):
-            print(f"warning: {ckpt_path} was trained for {trained_for!r}, not {args.task!r}: its {args.task} "
-                  "head may be untrained", file=sys.stderr)
+        model, ckpt = train.load_model(ckpt_path, ctx.device)
+        warn_if_other_task(ckpt, ckpt_path, args.task, ctx)
         refuse_trained_split(ckpt, ckpt_path, args.task, args.split)
         out_dir = args.out or os.path.dirname(os.path.abspath(ckpt_path))
         if args.task == "retrieval":
-            result = evaluate_retrieval(model, ckpt, args, device, amp, rank, world_size)
+            result = evaluate_retrieval(model, ckpt, args, ctx)
         elif args.task == "vd":
-            result = evaluate_vd(model, ckpt, args, device, amp, rank, world_size, out_dir)
+            result = evaluate_vd(model, ckpt, args, ctx, out_dir)
         elif args.task == "itm":
-            result = evaluate_itm(model, ckpt, args, device, amp, rank, world_size)
+            result = evaluate_itm(model, ckpt, args, ctx)
         else:
-            result = evaluate_classification(model, ckpt, args, device, amp, rank, world_size)
-        if rank == 0:
-            os.makedirs(out_dir, exist_ok=True)
+            result = evaluate_classification(model, ckpt, args, ctx)
+        if ctx.master_process:
             result["checkpoint"] = ckpt_path
-            suffix = f"-{args.source}" if args.task == "retrieval" and args.source else ""
-            stem = os.path.join(out_dir, f"eval-{args.task}-{args.split}{suffix}")
-            if "_scores" in result:
-                scores, txt2img = result.pop("_scores")
-                np.save(stem + "-scores.npy", scores)
-                np.save(stem + "-txt2img.npy", txt2img)
-                result["scores_file"] = stem + "-scores.npy"
-            if "answers_file" in result:
-                # [{"question_id", "answer"}]: the test server's format (test-dev / test), or the official
-                # evaluator's results file (val)
-                answers_path = os.path.join(out_dir, f"vqa-{args.split}-answers.json")
-                write_json(answers_path, result.pop("answers_file"), indent=None)
-                result["answers_path"] = answers_path
-                if result["examples"] < result["of_split"]:
-                    print(f"note: {answers_path} covers {result['examples']} of {result['of_split']} questions; "
-                          "the test server wants all of them", file=sys.stderr)
-            if args.task == "nlvr2":
-                # the official NLVR2 scorer's predictions file: one "identifier,True" or "identifier,False" line per
-                # example, in example order (class 1 is the label "True", as in data.NLVR2Dataset)
-                result["predictions_path"] = stem + "-predictions.csv"
-                with open(result["predictions_path"], "w", encoding="utf-8") as f:
-                    f.writelines(f"{identifier},{'True' if prediction == 1 else 'False'}\n"
-                                 for identifier, prediction in result["predictions"].items())
-            result["json"] = stem + ".json"
-            write_json(result["json"], result)
-            print(report(result))
-            if "predictions_path" in result:
-                print(f"wrote {result['predictions_path']} (the official NLVR2 scorer's predictions file)")
-            print(f"wrote {result['json']}")
+            write_results(result, args, out_dir)
         barrier()
         return result
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def make_context(args):
+    """train.Context of this process; --device overrides the device of a single process."""
+    ctx = train.make_context(args.amp)
+    if args.device:
+        if ctx.world_size > 1:
+            raise SystemExit("--device is for a single process; torchrun picks one device per rank")
+        device = torch.device(args.device)
+        ctx = dataclasses.replace(ctx, device=device, amp=train.resolve_amp(args.amp, device))
+    return ctx
+
+
+def run_speed(args, ctx):
+    """The speed benchmark: one process measures (timing is per device), the others wait."""
+    result = None
+    if ctx.master_process:
+        result, ckpt_path, preset = evaluate_speed(args, ctx.device, ctx.amp)
+        out_dir = args.out or (os.path.dirname(ckpt_path) if ckpt_path else os.path.join("runs", "speed"))
+        result["json"] = os.path.join(out_dir, f"speed-{preset}.json")
+        data.write_json(result["json"], result, indent=1)
+        print(report(result))
+        print(f"wrote {result['json']}")
+    barrier()
+    return result
+
+
+def warn_if_other_task(ckpt, ckpt_path, task, ctx):
+    """A checkpoint fine-tuned for another task has an untrained head for this one: say so. Zero-shot retrieval
+    and ITM with a pre-trained ITM head are fine, and every checkpoint carries the VD."""
+    trained_for = ckpt.get("task")
+    if ctx.master_process and task != "vd" and trained_for not in (task, None) and \
+            not (task in ("retrieval", "itm") and trained_for == "pretrain"):
+        print(f"warning: {ckpt_path} was trained for {trained_for!r}, not {task!r}: its {task} "
+              "head may be untrained", file=sys.stderr)
+
+
+def write_results(result, args, out_dir):
+    """<out_dir>/eval-<task>-<split>.json, and the files the official tools read: retrieval's score matrix,
+    VQA's answers file, NLVR2's predictions CSV. Prints the report."""
+    os.makedirs(out_dir, exist_ok=True)
+    suffix = f"-{args.source}" if args.task == "retrieval" and args.source else ""
+    stem = os.path.join(out_dir, f"eval-{args.task}-{args.split}{suffix}")
+    if "_scores" in result:
+        scores, txt2img = result.pop("_scores")
+        np.save(stem + "-scores.npy", scores)
+        np.save(stem + "-txt2img.npy", txt2img)
+        result["scores_file"] = stem + "-scores.npy"
+    if "answers_file" in result:
+        # [{"question_id", "answer"}]: the test server's format (test-dev / test), or the official evaluator's
+        # results file (val)
+        answers_path = os.path.join(out_dir, f"vqa-{args.split}-answers.json")
+        data.write_json(answers_path, result.pop("answers_file"))
+        result["answers_path"] = answers_path
+        if result["examples"] < result["of_split"]:
+            print(f"note: {answers_path} covers {result['examples']} of {result['of_split']} questions; "
+                  "the test server wants all of them", file=sys.stderr)
+    if args.task == "nlvr2":
+        # the official NLVR2 scorer's predictions file: one "identifier,True" or "identifier,False" line per
+        # example, in example order (class 1 is the label "True", as in data.NLVR2Dataset)
+        result["predictions_path"] = stem + "-predictions.csv"
+        with open(result["predictions_path"], "w", encoding="utf-8") as f:
+            f.writelines(f"{identifier},{'True' if prediction == 1 else 'False'}\n"
+                         for identifier, prediction in result["predictions"].items())
+    result["json"] = stem + ".json"
+    data.write_json(result["json"], result, indent=1)
+    print(report(result))
+    if "predictions_path" in result:
+        print(f"wrote {result['predictions_path']} (the official NLVR2 scorer's predictions file)")
+    print(f"wrote {result['json']}")
 
 
 if __name__ == "__main__":

@@ -60,7 +60,10 @@ class SOHOConfig:
     layer_norm_eps: float = 1e-12
     dropout: float = 0.1
     # pre-training
-    mvm_prob: float = 0.3  # chance that a matched pair gets MVM masking; the paper gives none, see the README
+    # MVM (Sec. 3.3): the chance that a pair's visual tokens get masked (mask_by_index). Every pair is masked at
+    # this rate, matched or not, so a visual [MASK] tells ITM nothing; the MVM loss is taken on the matched pairs
+    # only (Sec. 4.1). The paper gives no rate: 0.3 is ours (README, "Differences").
+    mvm_prob: float = 0.3
     max_text_len: int = 16  # [CLS] + words + [SEP]; the paper's Sec. 4.5 pads text to 16 tokens
     # downstream
     num_answers: int = 3129  # VQA v2 answer vocabulary (the paper's "3,192" is a typo)
@@ -113,7 +116,9 @@ def encode(images, image_mask, backbone, projection):
     """Eq. 1, the trainable visual encoder:  V = E(I, theta),  V in R^{l x c}.
 
     E is a ResNet (its last stage, stride 32), then a 1x1 convolution to c channels, then a 2x2 max pooling,
-    in the paper's order, so that each visual token covers a 64x64 pixel cell.
+    in the paper's order. The tokens form a grid of stride 64: token (r, c) summarises the 64x64 pixel cell at
+    rows 64r..64r+63, columns 64c..64c+63. 64 is the stride, not the receptive field: each token's features see
+    far beyond its cell (a ResNet-101's last stage sees hundreds of pixels around it).
 
     images:     [B, 3, H, W] float, H and W multiples of 32, padded bottom/right
     image_mask: [B, H, W] bool, True on real pixels
@@ -139,6 +144,8 @@ def _fp32_or_wider(x):
 def vq_lookup(v, dictionary):
     """Eq. 2, the nearest dictionary entry:  h_i = argmin_j || v_i - d_j ||_2.
 
+    (The paper prints argmin_j ||v_i - d_i||, an index typo: the distance is to each candidate entry d_j.)
+
     v:          [N, c] visual features
     dictionary: [k, c] entries d_j
     returns h   [N] long, the index of the nearest entry (the lowest index on a tie)
@@ -157,6 +164,8 @@ def vq_lookup(v, dictionary):
 def vd_embed(h, dictionary):
     """Eq. 3, the visual dictionary embedding:  f(v_i) = d_{h_i}.
 
+    (Training uses the straight-through form of Eq. 5, whose value is this one.)
+
     h:          [...] long indices
     dictionary: [k, c]
     returns     [..., c]
@@ -166,6 +175,9 @@ def vd_embed(h, dictionary):
 
 def assignment_statistics(v, h, k):
     """The two sums behind Eq. 4: for each entry j, sum_{h_i = j} v_i and |f^{-1}(j)|.
+
+    The first of the two steps of ema_update; training calls it on each micro-batch, sums the results over
+    micro-steps and ranks (VisualDictionary), then calls ema_update_from_statistics once per optimizer step.
 
     v: [N, c], h: [N] long, k: dictionary size. Returns sums [k, c] (fp32 or wider) and counts [k] (same dtype).
     """
@@ -202,6 +214,10 @@ def ema_update_from_statistics(dictionary, sums, counts, gamma):
     """Eq. 4 from its statistics (already summed over ranks and micro-steps):
 
         d_j <- gamma * d_j + (1 - gamma) * sums_j / counts_j      only where counts_j != 0
+
+    The second of the two steps of ema_update. An entry that no feature chose is left exactly where it is; an
+    entry far from every feature at the start is therefore never chosen and never moves (a "dead" entry: with
+    the paper's N(0, 1) start most entries of a small model stay dead; see kmeans_init, restart_dead_entries).
 
     dictionary: [k, c], sums: [k, c], counts: [k]. Returns a new [k, c] tensor in the dictionary's dtype.
     """
@@ -277,8 +293,11 @@ def mask_by_index(h, valid, prob, generator=None):
     """The masking of Masked Visual Modeling (Sec. 3.3, Eq. 7): mask all tokens that share one VD index.
 
     Neighbouring tokens often share an index, so masking single tokens would let the model copy the label from
-    a neighbour. Instead each sample is chosen with probability `prob`; for a chosen sample one index j is drawn
-    uniformly among the indices present in its valid tokens, and every valid token with index j is masked.
+    a neighbour. The paper: "we first randomly select an existing label index j, then replace all visual
+    embedding vectors in f^{-1}(j) with the [MASK] embedding". It does not say per what the index is drawn, nor
+    how often; our choices: the draw is per row (image-text pair), each row is masked with probability `prob`
+    (SOHOConfig.mvm_prob), and its index j is uniform among the indices present in its valid tokens, so every
+    valid token of that row with index j is masked. Rows mask independently, even two texts of one image.
 
     h:      [B, L] long VD indices
     valid:  [B, L] bool, False for padding (never masked)
@@ -300,11 +319,13 @@ def mask_by_index(h, valid, prob, generator=None):
 
 
 def sine_position_embedding_2d(gh, gw, dim, temperature=10000.0, device=None):
-    """The 2-D sine position embedding of the visual tokens (Sec. 3.3, after DETR).
+    """The 2-D sine position embedding of the visual tokens (Sec. 3.3: "2-D position embedding", after DETR).
 
     The first dim/2 channels encode the row, the last dim/2 the column, each as interleaved
     sin(p / T^(2i/(dim/2))), cos(p / T^(2i/(dim/2))) of the grid position p (0, 1, 2, ...). Positions are grid
-    indices, so a token's embedding does not depend on the size of the image or its padding.
+    indices, so a token's embedding does not depend on the size of the image or its padding. This differs from
+    DETR's, which counts positions from 1 and normalises them to [0, 2 pi] by the (unpadded) image size; the
+    paper does not say which variant SOHO uses.
     returns [gh * gw, dim]
     """
     assert dim % 4 == 0, "the 2-D sine embedding needs a width divisible by 4"
@@ -632,7 +653,7 @@ def classifier_mlp(in_dim, hidden, out_dim):
 # 6. SOHO
 # ----------------------------------------------------------------------------------------------------------------
 
-TASKS = ("pretrain", "retrieval", "vqa", "nlvr2", "snli-ve")
+TASKS = ("pretrain", "retrieval", "vqa", "nlvr2", "snli-ve")  # the one list of tasks: data.py and train.py use it
 IGNORE = -100  # the label of tokens that are not predicted (PyTorch's cross_entropy ignore_index)
 
 

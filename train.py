@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 import data
 import soho
+import synthetic
 from soho import SOHO, SOHOConfig
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -127,7 +128,7 @@ TINY_RECIPES = {
 def recipe(task, preset):
     """The default TrainConfig fields of a task at a preset."""
     if task not in PAPER_RECIPES:
-        raise ValueError(f"unknown task {task!r}; choose one of {list(PAPER_RECIPES)}")
+        raise ValueError(f"unknown task {task!r}; choose one of {list(soho.TASKS)}")
     return (TINY_RECIPES if preset == "tiny" else PAPER_RECIPES)[task]
 
 
@@ -167,7 +168,7 @@ def parse_args(argv=None):
         epilog="TrainConfig fields: " + ", ".join(f.name for f in fields(TrainConfig))
         + "\nSOHOConfig fields: " + ", ".join(f.name for f in fields(SOHOConfig)),
     )
-    p.add_argument("--task", default="pretrain", choices=list(PAPER_RECIPES))
+    p.add_argument("--task", default="pretrain", choices=list(soho.TASKS))
     p.add_argument("--preset", default="tiny", choices=list(soho.PRESETS))
     p.add_argument("--data", default="", help="data root (see data.py); default: the synthetic world")
     p.add_argument("--init", default="", help="a pre-trained SOHO checkpoint to fine-tune from")
@@ -509,225 +510,352 @@ class VDHealth:
         return out
 
 
-def train(cfg, model_overrides, args=None):
+@dataclass
+class Context:
+    """Where this process runs, fixed for the whole run (train.py and evaluate.py pass it around)."""
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    amp: str  # bf16 | fp16 | off (resolved, never "auto")
+
+    @property
+    def master_process(self):
+        return self.rank == 0
+
+
+def make_context(amp="auto"):
     rank, world_size, local_rank, device = setup_distributed()
-    master_process = rank == 0
-    amp = resolve_amp(cfg.amp, device)
-    task = cfg.task
+    return Context(rank, world_size, local_rank, device, resolve_amp(amp, device))
 
-    # --- resume? -------------------------------------------------------------------------------------------------
-    resume_path = (args.resume if args and args.resume else os.path.join(cfg.out, "ckpt.pt"))
-    ckpt = None
-    if os.path.isfile(resume_path) and not (args and args.fresh):
-        ckpt = load_checkpoint(resume_path)
-        if ckpt["task"] != task:
-            raise SystemExit(f"{resume_path} is a {ckpt['task']} checkpoint, not {task}: pass --out or --fresh")
-        saved = ckpt["train_config"]
-        # the run continues with its own config; only the stopping point and logging may change
-        cfg = dataclasses.replace(TrainConfig(**{**saved, "lr_milestones": tuple(saved["lr_milestones"])}),
-                                  max_steps=cfg.max_steps, log_every=cfg.log_every, save_every=cfg.save_every,
-                                  num_workers=cfg.num_workers)
 
-    # --- data --------------------------------------------------------------------------------------------------------
+@dataclass
+class Progress:
+    """Where a run stands; a resumed run continues from here."""
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0
+    step_in_epoch: int = 0
+
+
+def train(cfg, model_overrides, args=None):
+    """Train one task; returns the last logged metrics (with the held-out ITM numbers after pre-training)."""
+    ctx = make_context(cfg.amp)
+    cfg, ckpt, resume_path = resume_config(cfg, args)
+    data_root = prepare_data_root(cfg, ckpt, resume_path, ctx)
+    init_ckpt = load_checkpoint(cfg.init) if cfg.init and not ckpt else None  # read once, used four times
+    check_init_preset(cfg, init_ckpt)
+    vocab_path, bert_weights = resolve_vocabulary(cfg, ckpt, init_ckpt, data_root, resume_path, ctx.master_process)
+    torch.manual_seed(cfg.seed)  # the same initial weights and VD on every rank
+    model_cfg = resolve_configs(cfg, model_overrides, ckpt, init_ckpt)
+    model_cfg, tokenizer, dataset = build_data(cfg, model_cfg, vocab_path, bert_weights, data_root)
+    model = build_model(cfg, model_cfg, model_overrides, bert_weights, init_ckpt, bool(ckpt), ctx.master_process)
+    del init_ckpt
+    model.to(ctx.device)
+    optimizers = build_optimizers(model, cfg, cfg.task)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=(ctx.amp == "fp16"))
+    accum, steps_per_epoch, total_steps = batch_arithmetic(cfg, len(dataset), ctx.world_size)
+    progress = restore_checkpoint(ckpt, model, optimizers, scaler) if ckpt else Progress()
+    seed_this_rank(cfg.seed, ctx, ckpt)
+    meta = {"task": cfg.task, "model_config": asdict(model_cfg), "train_config": asdict(cfg),
+            "vocab_path": vocab_path, "data_root": data_root, "answers": getattr(dataset, "answer_vocab", None),
+            "retrieval_source": cfg.retrieval_source}  # what every checkpoint of this run says about it
+    if ctx.master_process:
+        announce(cfg, ctx, model, meta, accum, steps_per_epoch, total_steps, len(dataset), progress, bool(ckpt))
+
+    # --- the loop ------------------------------------------------------------------------------------------------
+    log = TrainingLog(cfg, model_cfg, ctx, total_steps, progress.step, fresh=not ckpt)
+    saved_step = progress.step if ckpt else -1
+    net, frozen = None, None
+    while progress.step < total_steps:
+        net, frozen = model_for_epoch(model, cfg, ctx, progress.epoch, net, frozen)
+        skip = progress.step_in_epoch * cfg.global_batch // ctx.world_size  # examples this rank has seen
+        batches = iter(make_loader(dataset, cfg, progress.epoch, skip, ctx.rank, ctx.world_size))
+        model.train()
+        while progress.step_in_epoch < steps_per_epoch and progress.step < total_steps:
+            set_learning_rates(optimizers, lr_multiplier(progress.step, steps_per_epoch, cfg))
+            log.add(*optimizer_step(net, model, batches, optimizers, scaler, cfg, ctx, progress.step))
+            progress.step += 1
+            progress.step_in_epoch += 1
+            if progress.step % cfg.log_every == 0 or progress.step == total_steps:
+                log.write(progress, optimizers)
+            if progress.step % cfg.save_every == 0:
+                saved_step = save_training_state(cfg.out, model, optimizers, scaler, progress, meta, log.last, ctx)
+        if progress.step_in_epoch >= steps_per_epoch:
+            progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
+            skipped_images = getattr(dataset, "num_skipped", 0)
+            if ctx.master_process and skipped_images:
+                print(f"epoch {progress.epoch}: skipped {skipped_images} unreadable image(s) so far (see above)")
+            saved_step = save_training_state(cfg.out, model, optimizers, scaler, progress, meta, log.last, ctx)
+    log.close()
+    if cfg.task == "pretrain":
+        log.last.update(heldout_itm(model, cfg, data_root, tokenizer, model_cfg, ctx))
+        saved_step = -1  # the checkpoint carries the held-out numbers
+    if saved_step != progress.step:  # the end fell between checkpoints: save where we stopped
+        save_training_state(cfg.out, model, optimizers, scaler, progress, meta, log.last, ctx)
+    if ctx.master_process:
+        print_summary(cfg, log)
+    if dist.is_initialized():
+        dist.barrier()
+    return log.last
+
+
+def optimizer_step(net, model, batches, optimizers, scaler, cfg, ctx, step):
+    """One optimizer step on one global batch. Returns ({name: [sum, count]} of the loss statistics over all ranks,
+    the VD's assignment counts (None without a VD update), seconds waiting for data, seconds computing).
+
+    global_batch = batch_per_gpu x world_size x accum: this rank draws `accum` micro-batches from `batches`, and
+    each one's loss is divided by accum, so the gradient is the mean over micro-steps. DDP all-reduces gradients
+    on the last micro-step only (no_sync on the others). With fp16 the gradient scaler scales the loss and
+    unscales the gradients before clipping, so the clipping sees true gradients. Then both optimizers step, and
+    the VD takes its Eq. 4 update, once per step, from the statistics of the whole global batch."""
+    accum = cfg.global_batch // (cfg.batch_per_gpu * ctx.world_size)
+    totals, wait, compute = {}, 0.0, 0.0
+    for micro in range(accum):
+        t0 = time.time()
+        batch = to_device(next_batch(batches), ctx.device)
+        t1 = time.time()
+        sync = micro == accum - 1 or not isinstance(net, DDP)
+        with (contextlib.nullcontext() if sync else net.no_sync()), autocast_context(ctx.device, ctx.amp):
+            out = net(cfg.task, batch)
+            loss, stats = task_loss(cfg.task, out, batch, ctx.world_size)
+            check_finite(stats, step, cfg.task)
+            scaler.scale(loss / accum).backward()  # the mean over micro-steps
+        for name, s in stats.items():
+            totals[name] = totals[name] + s.double() if name in totals else s.double()
+        wait, compute = wait + t1 - t0, compute + time.time() - t1
+    for opt in optimizers:
+        scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+    for opt in optimizers:
+        scaler.step(opt)
+    scaler.update()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    vd_counts = None
+    if model.visual_dictionary is not None and cfg.task == "pretrain":
+        vd_counts = model.visual_dictionary.update()  # Eq. 4, once per optimizer step, on the global batch
+    return totals, vd_counts, wait, compute
+
+
+def next_batch(batches):
+    """The next batch; with --skip_bad_images a batch whose every image was unreadable is None: take the next."""
+    batch = next(batches)
+    while batch is None:
+        batch = next(batches)
+    return batch
+
+
+def task_loss(task, out, batch, world_size):
+    """(loss, {name: [sum, count]} over all ranks) of a forward's output: Eq. 9 for pre-training, Sec. 4.2's
+    losses for the downstream tasks."""
+    if task == "pretrain":
+        return pretraining_loss(out, world_size, batch["itm_label"])
+    loss, stats = downstream_loss(task, out, batch)
+    return loss, reduce_stats(stats)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Setting up a run: resume, data, configs, model, batch arithmetic (in the order train() calls them)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def resume_config(cfg, args):
+    """(cfg, checkpoint or None, its path). A run whose --out holds a checkpoint (or given --resume FILE) continues
+    with the checkpoint's TrainConfig; only the stopping point, logging and loader workers may change."""
+    resume_path = args.resume if args and args.resume else os.path.join(cfg.out, "ckpt.pt")
+    if not os.path.isfile(resume_path) or (args and args.fresh):
+        return cfg, None, resume_path
+    ckpt = load_checkpoint(resume_path)
+    if ckpt["task"] != cfg.task:
+        raise SystemExit(f"{resume_path} is a {ckpt['task']} checkpoint, not {cfg.task}: pass --out or --fresh")
+    saved = ckpt["train_config"]
+    cfg = dataclasses.replace(TrainConfig(**{**saved, "lr_milestones": tuple(saved["lr_milestones"])}),
+                              max_steps=cfg.max_steps, log_every=cfg.log_every, save_every=cfg.save_every,
+                              num_workers=cfg.num_workers)
+    return cfg, ckpt, resume_path
+
+
+def prepare_data_root(cfg, ckpt, resume_path, ctx):
+    """The data folder: --data, else the resumed run's, else the synthetic world (rank 0 writes it if missing)."""
     data_root = cfg.data or (ckpt["data_root"] if ckpt else "")
     if not data_root:
-        data_root = data.default_data_root()
-        if master_process:
-            data.ensure_synthetic_world(data_root)
+        data_root = synthetic.default_data_root()
+        if ctx.master_process:
+            synthetic.ensure_synthetic_world(data_root)
         if dist.is_initialized():
             dist.barrier()  # the other ranks wait until rank 0 has written the world
     elif not os.path.isdir(data_root):
         given = "--data" if cfg.data else f"the data folder of {resume_path}:"
         raise SystemExit(f"{given} {data_root} does not exist (expected a folder in the layout of data.py's "
                          "docstring; leave --data out for the synthetic world)")
-    init_ckpt = load_checkpoint(cfg.init) if cfg.init and not ckpt else None  # read once, used three times
-    check_init_preset(cfg, init_ckpt)
-    vocab_path, bert_weights = resolve_vocabulary(cfg, ckpt, init_ckpt, data_root, resume_path, master_process)
+    return data_root
 
-    # --- model ------------------------------------------------------------------------------------------------------
-    torch.manual_seed(cfg.seed)  # the same initial weights and VD on every rank
+
+def resolve_configs(cfg, model_overrides, ckpt, init_ckpt):
+    """The model's SOHOConfig. Each field comes from the first of these that sets it:
+
+        resumed checkpoint  >  --key=value  >  --init checkpoint  >  --preset (soho.PRESETS)
+
+    (a resumed run keeps its own architecture; fine-tuning keeps the pre-trained one's). build_data then sets
+    the two fields the data decide: vocab_size (the vocabulary's, unless --bert brings weights) and num_answers
+    (VQA's answer list). The TrainConfig follows the same order, resolved earlier: resumed checkpoint (less the
+    stopping point and logging, see resume_config) > --key=value and the named flags > recipe(task, preset) >
+    TrainConfig's defaults (parse_args)."""
     if ckpt:
-        model_cfg = SOHOConfig(**ckpt["model_config"])
-    elif init_ckpt:
-        model_cfg = dataclasses.replace(SOHOConfig(**init_ckpt["model_config"]), **model_overrides)
-    else:
-        model_cfg = soho.config_from_preset(cfg.preset, **model_overrides)
+        return SOHOConfig(**ckpt["model_config"])
+    if init_ckpt:
+        return dataclasses.replace(SOHOConfig(**init_ckpt["model_config"]), **model_overrides)
+    return soho.config_from_preset(cfg.preset, **model_overrides)
+
+
+def build_data(cfg, model_cfg, vocab_path, bert_weights, data_root):
+    """(model_cfg with the fields the data decide, tokenizer, training data set); see resolve_configs."""
     tokenizer = data.Tokenizer.from_vocab(vocab_path, model_cfg.max_text_len)
     if not bert_weights:
         model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
     dataset = build_train_dataset(cfg, data_root, tokenizer, model_cfg)
-    answers = getattr(dataset, "answer_vocab", None)  # VQA: class index -> answer string
-    if task == "vqa":
-        model_cfg = dataclasses.replace(model_cfg, num_answers=len(answers))
+    if cfg.task == "vqa":
+        model_cfg = dataclasses.replace(model_cfg, num_answers=len(dataset.answer_vocab))
+    return model_cfg, tokenizer, dataset
 
-    if bert_weights and not ckpt and not cfg.init:
+
+def build_model(cfg, model_cfg, model_overrides, bert_weights, init_ckpt, resumed, master_process):
+    """SOHO at model_cfg, on the CPU. Its weights: a resumed run's come later (restore_checkpoint, with the
+    optimizers); else --init's (all but a new task head); else --bert's BERT and --resnet's ResNet; else random."""
+    fresh = not resumed and not cfg.init
+    if bert_weights and fresh:
         model = SOHO.from_pretrained(cfg.preset, bert=cfg.bert, resnet=cfg.resnet or None,
-                                     **{**asdict(model_cfg), **model_overrides,
-                                        "vocab_size": model_cfg.vocab_size})
+                                     **{**asdict(model_cfg), **model_overrides, "vocab_size": model_cfg.vocab_size})
     else:
         model = SOHO(model_cfg)
-        if cfg.resnet and not ckpt and not cfg.init:
+        if cfg.resnet and fresh:
             soho.load_resnet_weights(model.backbone, cfg.resnet)
     if init_ckpt:
-        skipped = init_from_pretrained(model, init_ckpt["model"], cfg.init, task)
-        del init_ckpt
+        skipped = init_from_pretrained(model, init_ckpt["model"], cfg.init, cfg.task)
         if master_process:
-            print(f"initialised from {cfg.init}" + (f" (new {task} head)" if skipped else ""))
-    model.to(device)
-    sgd, adamw = build_optimizers(model, cfg, task)
-    optimizers = (sgd, adamw)
-    scaler = torch.amp.GradScaler(device.type, enabled=(amp == "fp16"))
+            print(f"initialised from {cfg.init}" + (f" (new {cfg.task} head)" if skipped else ""))
+    return model
 
-    # --- batch arithmetic ----------------------------------------------------------------------------------------
+
+def batch_arithmetic(cfg, n_examples, world_size):
+    """(accumulation micro-steps, optimizer steps per epoch, steps in all), from
+    global_batch = batch_per_gpu x world_size x accumulation steps."""
     per_step = cfg.batch_per_gpu * world_size
     if cfg.global_batch % per_step:
         raise SystemExit(f"global_batch {cfg.global_batch} is not a multiple of batch_per_gpu {cfg.batch_per_gpu} x "
                          f"{world_size} processes; change --batch_per_gpu or --global_batch")
-    accum = cfg.global_batch // per_step
-    steps_per_epoch = len(dataset) // (cfg.global_batch)
+    steps_per_epoch = n_examples // cfg.global_batch
     if steps_per_epoch == 0:
-        raise SystemExit(f"the {task} data set has {len(dataset)} examples, fewer than one global batch "
+        raise SystemExit(f"the {cfg.task} data set has {n_examples} examples, fewer than one global batch "
                          f"({cfg.global_batch})")
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
+    return cfg.global_batch // per_step, steps_per_epoch, total_steps
 
-    step, epoch, step_in_epoch = 0, 0, 0
-    if ckpt:
-        model.load_state_dict(ckpt["model"])
-        sgd.load_state_dict(ckpt["optimizers"][0])
-        adamw.load_state_dict(ckpt["optimizers"][1])
-        scaler.load_state_dict(ckpt["scaler"])
-        step, epoch, step_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["step_in_epoch"]
-    torch.manual_seed(cfg.seed + rank)  # per-rank randomness from here on: dropout, MVM masking
-    np.random.seed(cfg.seed + rank)
-    random.seed(cfg.seed + rank)
-    if ckpt and ckpt["world_size"] == world_size:
-        set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
 
-    if master_process:
-        os.makedirs(cfg.out, exist_ok=True)
-        with open(os.path.join(cfg.out, "config.json"), "w") as f:
-            json.dump({"train": asdict(cfg), "model": asdict(model_cfg), "world_size": world_size, "amp": amp,
-                       "accumulation_steps": accum, "steps_per_epoch": steps_per_epoch, "data_root": data_root,
-                       "vocab_path": vocab_path}, f, indent=2)
-        print(f"{task} | preset {cfg.preset} | {soho.count_parameters(model) / 1e6:.1f}M parameters | "
-              f"{world_size} process(es) on {device.type} | amp {amp}\n"
-              f"global batch {cfg.global_batch} = {cfg.batch_per_gpu} per process x {world_size} x {accum} "
-              f"accumulation step(s) | split {cfg.train_split}: {len(dataset)} examples, {steps_per_epoch} "
-              f"steps/epoch, {total_steps} steps"
-              + (f" | resuming at step {step}" if ckpt else ""))
+def seed_this_rank(seed, ctx, ckpt):
+    """Per-rank randomness from here on (dropout, MVM masking); a resumed run at the same world size continues
+    each rank's own random state."""
+    torch.manual_seed(seed + ctx.rank)
+    np.random.seed(seed + ctx.rank)
+    random.seed(seed + ctx.rank)
+    if ckpt and ckpt["world_size"] == ctx.world_size:
+        set_rng_state(ckpt["rng"][ctx.rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
 
-    def checkpoint_payload():
-        rngs = [None] * world_size if dist.is_initialized() else None
-        if dist.is_initialized():
-            dist.all_gather_object(rngs, rng_state())
-        return {"model": model.state_dict(), "optimizers": [sgd.state_dict(), adamw.state_dict()],
-                "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "step_in_epoch": step_in_epoch,
-                "rng": rngs if rngs else rng_state(), "world_size": world_size, "task": task,
-                "model_config": asdict(model_cfg), "train_config": asdict(cfg), "vocab_path": vocab_path,
-                "data_root": data_root, "answers": answers, "retrieval_source": cfg.retrieval_source,
-                "metrics": last_metrics}
 
-    saved_step = step if ckpt else -1
+def announce(cfg, ctx, model, meta, accum, steps_per_epoch, total_steps, n_examples, progress, resumed):
+    """Write <out>/config.json and print the run's shape (rank 0)."""
+    data.write_json(os.path.join(cfg.out, "config.json"),
+                    {"train": meta["train_config"], "model": meta["model_config"], "world_size": ctx.world_size,
+                     "amp": ctx.amp, "accumulation_steps": accum, "steps_per_epoch": steps_per_epoch,
+                     "data_root": meta["data_root"], "vocab_path": meta["vocab_path"]}, indent=2)
+    print(f"{cfg.task} | preset {cfg.preset} | {soho.count_parameters(model) / 1e6:.1f}M parameters | "
+          f"{ctx.world_size} process(es) on {ctx.device.type} | amp {ctx.amp}\n"
+          f"global batch {cfg.global_batch} = {cfg.batch_per_gpu} per process x {ctx.world_size} x {accum} "
+          f"accumulation step(s) | split {cfg.train_split}: {n_examples} examples, {steps_per_epoch} "
+          f"steps/epoch, {total_steps} steps" + (f" | resuming at step {progress.step}" if resumed else ""))
 
-    def save():
-        nonlocal saved_step
-        payload = checkpoint_payload()  # every rank joins the RNG gather; rank 0 writes
-        if master_process:
-            save_checkpoint(os.path.join(cfg.out, "ckpt.pt"), payload)
-        saved_step = step
 
-    # --- the loop ------------------------------------------------------------------------------------------------
-    ddp_model, frozen = None, None
-    vd_health = VDHealth(model_cfg.vd_size) if model_cfg.use_vd and task == "pretrain" else None
-    window = defaultdict(lambda: torch.zeros(2, dtype=torch.float64))  # name -> [sum, count] since the last log
-    last_metrics, log_path = {}, os.path.join(cfg.out, "log.jsonl")
-    if master_process and not ckpt and os.path.isfile(log_path):
-        os.remove(log_path)  # a fresh run starts a fresh log; a resumed one appends to its own
-    wait_time = compute_time = 0.0
-    bar = tqdm(total=total_steps, initial=step, disable=not master_process, dynamic_ncols=True, desc=task)
-    started = time.time()
-    while step < total_steps:
-        # Sec. 3.2: the ResNet stays frozen for the first epochs of pre-training (VD cold start). DDP is rebuilt
-        # when this changes, because it registers the trained parameters once, at construction.
-        freeze = task == "pretrain" and epoch < cfg.freeze_backbone_epochs
-        if ddp_model is None or freeze != frozen:
-            for p in model.backbone.parameters():
-                p.requires_grad = not freeze
-            frozen = freeze
-            ddp_model = model
-            if dist.is_initialized():
-                ddp_model = wrap_ddp(model, device, local_rank)
-        loader = make_loader(dataset, cfg, epoch, step_in_epoch * cfg.global_batch // world_size, rank, world_size)
-        batches = iter(loader)
-        model.train()
-        while step_in_epoch < steps_per_epoch and step < total_steps:
-            set_learning_rates(optimizers, lr_multiplier(step, steps_per_epoch, cfg))
-            for micro in range(accum):
-                t0 = time.time()
-                batch = next(batches)
-                while batch is None:  # --skip_bad_images and every image of this batch was unreadable
-                    batch = next(batches)
-                batch = to_device(batch, device)
-                t1 = time.time()
-                # gradients are all-reduced on the last micro-step only
-                sync = micro == accum - 1 or not isinstance(ddp_model, DDP)
-                with (contextlib.nullcontext() if sync else ddp_model.no_sync()), autocast_context(device, amp):
-                    out = ddp_model(task, batch)
-                    if task == "pretrain":
-                        loss, stats = pretraining_loss(out, world_size, batch["itm_label"])
-                    else:
-                        loss, stats = downstream_loss(task, out, batch)
-                        stats = reduce_stats(stats)
-                    check_finite(stats, step, task)
-                    scaler.scale(loss / accum).backward()  # the mean over micro-steps
-                for name, s in stats.items():
-                    window[name] += s.double()
-                wait_time += t1 - t0
-                compute_time += time.time() - t1
-            for opt in optimizers:
-                scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-            for opt in optimizers:
-                scaler.step(opt)
-            scaler.update()
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-            if model.visual_dictionary is not None and task == "pretrain":
-                counts = model.visual_dictionary.update()  # Eq. 4, once per optimizer step, on the global batch
-                vd_health.add(counts)
-            step += 1
-            step_in_epoch += 1
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == total_steps:
-                last_metrics = summarise(window, task, vd_health, optimizers, step, epoch, wait_time, compute_time)
-                window.clear()
-                if master_process:
-                    bar.set_postfix_str(format_metrics(last_metrics))
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(last_metrics) + "\n")
-            if step % cfg.save_every == 0:
-                save()
-        if step_in_epoch >= steps_per_epoch:
-            epoch, step_in_epoch = epoch + 1, 0
-            skipped_images = getattr(dataset, "num_skipped", 0)
-            if master_process and skipped_images:
-                print(f"epoch {epoch}: skipped {skipped_images} unreadable image(s) so far (see the log above)")
-            save()
-    bar.close()
-    if task == "pretrain":
-        last_metrics.update(heldout_itm(model, cfg, data_root, tokenizer, model_cfg, device, amp, rank, world_size))
-        saved_step = -1  # the checkpoint carries the held-out numbers
-    if saved_step != step:  # the end fell between checkpoints: save where we stopped
-        save()
-    elapsed = time.time() - started
-    if master_process:
-        print_summary(cfg, task, last_metrics, elapsed, wait_time, compute_time)
+def model_for_epoch(model, cfg, ctx, epoch, net, frozen):
+    """(the module the loop calls, whether the ResNet is frozen) for this epoch. Sec. 3.2: the ResNet stays
+    frozen for the first epochs of pre-training (the VD's cold start). DDP is rebuilt when that changes, because
+    it registers the trained parameters once, at construction."""
+    freeze = cfg.task == "pretrain" and epoch < cfg.freeze_backbone_epochs
+    if net is not None and freeze == frozen:
+        return net, frozen
+    for p in model.backbone.parameters():
+        p.requires_grad = not freeze
+    return (wrap_ddp(model, ctx.device, ctx.local_rank) if dist.is_initialized() else model), freeze
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints of a run, and its log
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def save_training_state(out, model, optimizers, scaler, progress, meta, metrics, ctx):
+    """Write <out>/ckpt.pt: everything a resumed run needs (weights, VD, optimizers, scaler, progress, every rank's
+    random state) and what evaluate.py reads (meta: task, configs, vocabulary, data, answers). Every rank must call
+    it (the random states are gathered); rank 0 writes. Returns the step saved."""
+    rngs = rng_state()
     if dist.is_initialized():
-        dist.barrier()
-    return last_metrics
+        rngs = [None] * ctx.world_size
+        dist.all_gather_object(rngs, rng_state())
+    if ctx.master_process:
+        save_checkpoint(os.path.join(out, "ckpt.pt"), {
+            "model": model.state_dict(), "optimizers": [opt.state_dict() for opt in optimizers],
+            "scaler": scaler.state_dict(), **asdict(progress), "rng": rngs, "world_size": ctx.world_size,
+            **meta, "metrics": metrics})
+    return progress.step
+
+
+def restore_checkpoint(ckpt, model, optimizers, scaler):
+    """Load a resumed run's weights, optimizers and scaler; returns its Progress."""
+    model.load_state_dict(ckpt["model"])
+    for opt, state in zip(optimizers, ckpt["optimizers"]):
+        opt.load_state_dict(state)
+    scaler.load_state_dict(ckpt["scaler"])
+    return Progress(ckpt["step"], ckpt["epoch"], ckpt["step_in_epoch"])
+
+
+class TrainingLog:
+    """The loss statistics since the last log line ({name: [sum, count]}, already summed over ranks), how much of
+    the VD is in use, and the time spent waiting for data against computing; every log_every steps, one line of
+    <out>/log.jsonl and the progress bar's text (rank 0). `last` holds the last logged metrics."""
+
+    def __init__(self, cfg, model_cfg, ctx, total_steps, initial_step, fresh):
+        self.task, self.master_process, self.started = cfg.task, ctx.master_process, time.time()
+        self.vd_health = VDHealth(model_cfg.vd_size) if model_cfg.use_vd and cfg.task == "pretrain" else None
+        self.window = defaultdict(lambda: torch.zeros(2, dtype=torch.float64))
+        self.last, self.wait_time, self.compute_time = {}, 0.0, 0.0
+        self.path = os.path.join(cfg.out, "log.jsonl")
+        if self.master_process and fresh and os.path.isfile(self.path):
+            os.remove(self.path)  # a fresh run starts a fresh log; a resumed one appends to its own
+        self.bar = tqdm(total=total_steps, initial=initial_step, disable=not self.master_process,
+                        dynamic_ncols=True, desc=cfg.task)
+
+    def add(self, stats, vd_counts, wait, compute):
+        """One optimizer step's results (optimizer_step's return value)."""
+        for name, s in stats.items():
+            self.window[name] += s
+        if vd_counts is not None:
+            self.vd_health.add(vd_counts)
+        self.wait_time, self.compute_time = self.wait_time + wait, self.compute_time + compute
+        self.bar.update(1)
+
+    def write(self, progress, optimizers):
+        self.last = summarise(self.window, self.task, self.vd_health, optimizers, progress.step, progress.epoch,
+                              self.wait_time, self.compute_time)
+        self.window.clear()
+        if self.master_process:
+            self.bar.set_postfix_str(format_metrics(self.last))
+            with open(self.path, "a") as f:
+                f.write(json.dumps(self.last) + "\n")
+
+    def close(self):
+        self.bar.close()
 
 
 def check_init_preset(cfg, init_ckpt):
@@ -790,7 +918,7 @@ def build_train_dataset(cfg, data_root, tokenizer, model_cfg):
     return data.build_dataset(cfg.task, cfg.train_split, data_root, tokenizer, model_cfg, **opts)
 
 
-def heldout_itm(model, cfg, data_root, tokenizer, model_cfg, device, amp, rank, world_size):
+def heldout_itm(model, cfg, data_root, tokenizer, model_cfg, ctx):
     """Pre-training's ITM accuracy on held-out images (COCO's Karpathy val, which pre-training never sees), never
     on the training batches: {"heldout_itm_acc", "heldout_itm_matched_acc", "heldout_itm_mismatched_acc"}."""
     import evaluate  # evaluate.py imports this module: import it here, not at the top
@@ -799,11 +927,10 @@ def heldout_itm(model, cfg, data_root, tokenizer, model_cfg, device, amp, rank, 
         dataset = data.build_dataset("pretrain", "val", data_root, tokenizer, model_cfg, seed=0,
                                      text_only=cfg.text_only)
     except data.DataError as e:  # e.g. VG alone, no COCO val: the run itself is fine, say what is missing
-        if rank == 0:
+        if ctx.master_process:
             print(f"no held-out ITM: {e}")
         return {}
-    m = evaluate.itm_accuracy(model, dataset, device, amp, cfg.batch_per_gpu, workers=cfg.num_workers, rank=rank,
-                              world_size=world_size)
+    m = evaluate.itm_accuracy(model, dataset, ctx, cfg.batch_per_gpu, workers=cfg.num_workers)
     if m is None:  # not rank 0
         return {}
     return {"heldout_itm_acc": m["accuracy"], "heldout_itm_matched_acc": m["matched"],
@@ -842,9 +969,10 @@ def format_metrics(m):
     return " ".join(f"{k}={m[k]:.3g}" for k in keys if k in m)
 
 
-def print_summary(cfg, task, m, elapsed, wait_time, compute_time):
+def print_summary(cfg, log):
+    task, m, wait_time, compute_time = cfg.task, log.last, log.wait_time, log.compute_time
     ckpt = os.path.join(cfg.out, "ckpt.pt")
-    print(f"\ndone in {elapsed / 60:.1f} min; checkpoint: {ckpt}")
+    print(f"\ndone in {(time.time() - log.started) / 60:.1f} min; checkpoint: {ckpt}")
     print("reached (mean over the last logging window): " + format_metrics(m))
     if "heldout_itm_acc" in m:
         print(f"held-out ITM ({m['heldout_images']} COCO val images never trained on, 4 texts each): "

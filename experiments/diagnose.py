@@ -30,17 +30,18 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import soho  # noqa: E402
+import synthetic  # noqa: E402
 import train  # noqa: E402
-from data import SYNTH_COLORS, SYNTH_SHAPES  # noqa: E402
+from synthetic import SYNTH_COLORS, SYNTH_SHAPES  # noqa: E402
 
 
 def scenes(n, seed):
     rng = random.Random(f"diagnose/{seed}")
-    return [data.random_scene(rng) for _ in range(n)]
+    return [synthetic.random_scene(rng) for _ in range(n)]
 
 
 def scene_batch(scenes_, cfg):
-    images = [data.image_to_tensor(data.resize_image(data.render_scene(s), cfg.image_short, cfg.image_long))
+    images = [data.image_to_tensor(data.resize_image(synthetic.render_scene(s), cfg.image_short, cfg.image_long))
               for s in scenes_]
     return data.pad_images(images)
 
@@ -142,7 +143,7 @@ def itm_gradients(model, batch):
 
 def background_of(text):
     words = set(text.lower().replace(".", " ").split())
-    named = [bg for bg in data.SYNTH_BACKGROUNDS if bg in words]
+    named = [bg for bg in synthetic.SYNTH_BACKGROUNDS if bg in words]
     return named[0] if len(named) == 1 else None
 
 
@@ -198,7 +199,7 @@ def main():
             h = model.visual_dictionary.lookup(V)[0][valid]
         print(f"5. VD entries used by {int(valid.sum())} held-out tokens: {len(h.unique())} of {cfg.vd_size} "
               f"(the world has {len(SYNTH_COLORS) * len(SYNTH_SHAPES)} colour-shape kinds and "
-              f"{len(data.SYNTH_BACKGROUNDS)} backgrounds)")
+              f"{len(synthetic.SYNTH_BACKGROUNDS)} backgrounds)")
 
     split = mismatches_by_background(model, ckpt, cfg)
     print("6. held-out mismatched captions caught: " + ", ".join(f"naming {k.split()[0]} background {a:.3f} "

@@ -40,7 +40,7 @@ for row in range(len(captions)):
 
 # %%
 kind = torch.zeros_like(ids)  # 0 not chosen, 1 [MASK], 2 random word, 3 kept
-chosen = labels != -100
+chosen = labels != soho.IGNORE
 kind[chosen & (masked == tok.mask_id)] = 1
 kind[chosen & (masked != tok.mask_id) & (masked != ids)] = 2
 kind[chosen & (masked == ids)] = 3
@@ -66,7 +66,7 @@ all_ids, all_mask = tok.encode_batch([dataset.captions[k] for k in range(len(dat
 m_ids, m_labels = data.mask_tokens(all_ids, all_mask, tok, generator=torch.Generator().manual_seed(0))
 special = torch.isin(all_ids, torch.tensor(tok.special_ids))
 candidates = all_mask & ~special
-picked = m_labels != -100
+picked = m_labels != soho.IGNORE
 share_chosen = (picked.sum() / candidates.sum()).item()
 shares = [((picked & (m_ids == tok.mask_id)).sum() / picked.sum()).item(),
           ((picked & (m_ids != tok.mask_id) & (m_ids != all_ids)).sum() / picked.sum()).item(),
@@ -117,8 +117,8 @@ assert 0.13 < share_chosen < 0.25
 assert abs(shares[0] - 0.8) < 0.05 and abs(shares[1] - 0.1) < 0.04 and abs(shares[2] - 0.1) < 0.04
 # in a pre-training batch only matched captions are masked, and the MLM term counts exactly their labels
 matched = batch["itm_label"] == 1
-assert (batch["mlm_labels"][~matched] == -100).all() and (batch["mlm_labels"][matched] != -100).any(1).all()
-assert int(results["pre-trained"].count) == int((batch["mlm_labels"] != -100).sum())
+assert (batch["mlm_labels"][~matched] == soho.IGNORE).all() and (batch["mlm_labels"][matched] != soho.IGNORE).any(1).all()
+assert int(results["pre-trained"].count) == int((batch["mlm_labels"] != soho.IGNORE).sum())
 # at initialisation every word is about equally likely; pre-training lowers the loss by a lot
 assert abs(results["initialisation"].mean.item() - math.log(tok.vocab_size)) < 0.5
 assert results["pre-trained"].mean < results["initialisation"].mean - 0.75

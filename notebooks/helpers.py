@@ -3,7 +3,7 @@ batches, and plotting. Nothing here implements an equation; the notebooks call s
 
 Everything the notebooks write goes to one cache folder: $SOHO_NB_CACHE if set (the tests and
 build_notebooks.py set a fresh one, so every run starts clean), else a temporary folder named after a hash of
-soho.py, data.py, train.py and this file, so a change to the code never reuses stale checkpoints.
+soho.py, data.py, synthetic.py, train.py and this file, so a change to the code never reuses stale checkpoints.
 """
 
 import contextlib
@@ -27,6 +27,7 @@ import torch  # noqa: E402
 
 import data  # noqa: E402
 import soho  # noqa: E402
+import synthetic  # noqa: E402
 import train  # noqa: E402
 
 # One thread per kernel. The notebooks run on small shared machines (CI, 2 cores); when another job holds a core,
@@ -42,7 +43,7 @@ def cache_dir():
     root = os.environ.get("SOHO_NB_CACHE")
     if not root:
         digest = hashlib.sha1()
-        for name in ("soho.py", "data.py", "train.py", os.path.join("notebooks", "helpers.py")):
+        for name in ("soho.py", "data.py", "synthetic.py", "train.py", os.path.join("notebooks", "helpers.py")):
             with open(os.path.join(REPO, name), "rb") as f:
                 digest.update(f.read())
         root = os.path.join(tempfile.gettempdir(), f"soho-notebooks-{digest.hexdigest()[:12]}")
@@ -56,11 +57,11 @@ def shorten(text):
 
 
 def world():
-    """The synthetic world (written once per cache folder): data.write_synthetic_world with N_IMAGES images."""
+    """The synthetic world (written once per cache folder): synthetic.write_synthetic_world with N_IMAGES images."""
     root = os.path.join(cache_dir(), "world")
-    if not os.path.isfile(os.path.join(root, data.SYNTH_MANIFEST)):
+    if not os.path.isfile(os.path.join(root, synthetic.SYNTH_MANIFEST)):
         with contextlib.redirect_stderr(io.StringIO()):
-            data.ensure_synthetic_world(root, seed=0, n_images=N_IMAGES)
+            synthetic.ensure_synthetic_world(root, seed=0, n_images=N_IMAGES)
     return root
 
 

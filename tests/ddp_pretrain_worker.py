@@ -2,11 +2,11 @@
 
     python -m torch.distributed.run --nproc_per_node 2 tests/ddp_pretrain_worker.py OUT_DIR
 
-Each rank takes its share of the images (and their texts) and saves its first-step gradients, its final weights
-and its final visual dictionary to OUT_DIR/rank<r>.pt. test_train.py runs the same steps on the whole batch in one
-process and compares. BatchNorm is frozen and dropout is off, so one process and two ranks compute the same thing;
-MVM masking is off (its draws are random per rank); MLM targets differ in number per rank, which is what the
-global averaging in train.pretraining_loss is for.
+Each rank takes its share of the images (and their texts), in 2 accumulation micro-steps per optimizer step, and
+saves its weights after the first step, its final weights and its final visual dictionary to OUT_DIR/rank<r>.pt.
+test_train.py runs the same steps on the whole batch in one process and compares. BatchNorm is frozen and dropout
+is off, so one process and two ranks compute the same thing; MVM masking is off (its draws are random per rank);
+MLM targets differ in number per rank, which is what the global averaging in train.pretraining_loss is for.
 """
 
 import os
@@ -19,14 +19,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import soho  # noqa: E402
 import train  # noqa: E402
 
-N_IMAGES, STEPS = 4, 3
+N_IMAGES, STEPS, MICRO = 4, 3, 2  # MICRO: accumulation micro-steps per optimizer step
 
 
 def global_batch():
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, 1000, (4 * N_IMAGES, 9), generator=g)
     itm = torch.tensor([1, 1, 0, 0]).repeat(N_IMAGES)
-    labels = torch.full_like(ids, -100)
+    labels = torch.full_like(ids, soho.IGNORE)
     for t in range(4 * N_IMAGES):
         if itm[t]:
             n = 1 + t % 5  # 1 to 5 masked words per matched text: the ranks hold different counts
@@ -38,52 +38,56 @@ def global_batch():
                 img_index=torch.arange(N_IMAGES).repeat_interleave(4))
 
 
-def shard(batch, rank, world_size):
-    per = N_IMAGES // world_size
-    imgs = slice(rank * per, (rank + 1) * per)
-    txts = slice(4 * rank * per, 4 * (rank + 1) * per)
-    return dict(images=batch["images"][imgs], image_mask=batch["image_mask"][imgs],
-                input_ids=batch["input_ids"][txts], text_mask=batch["text_mask"][txts],
-                itm_label=batch["itm_label"][txts], mlm_labels=batch["mlm_labels"][txts],
-                img_index=batch["img_index"][txts] - rank * per)
+def micro_batches(batch, rank, world_size):
+    """This rank's MICRO micro-batches of one step. Micro-step k of the global batch holds the same images
+    whatever the number of ranks (images k*G .. (k+1)*G - 1, G = N_IMAGES / MICRO), split between the ranks, so
+    one process and two ranks normalise each micro-step's loss by the same global counts."""
+    per_micro = N_IMAGES // MICRO
+    per_rank = per_micro // world_size
+    out = []
+    for k in range(MICRO):
+        first = k * per_micro + rank * per_rank
+        imgs, txts = slice(first, first + per_rank), slice(4 * first, 4 * (first + per_rank))
+        out.append(dict(images=batch["images"][imgs], image_mask=batch["image_mask"][imgs],
+                        input_ids=batch["input_ids"][txts], text_mask=batch["text_mask"][txts],
+                        itm_label=batch["itm_label"][txts], mlm_labels=batch["mlm_labels"][txts],
+                        img_index=batch["img_index"][txts] - first))
+    return out
 
 
 def run(rank, world_size, vd_options=False):
-    """Returns (first-step gradients, final parameters, final VD) of STEPS pre-training steps. vd_options: with the
-    dictionary options beyond the paper (k-means start from the first step's features, restarts after 1 idle
-    update), whose draws must be the same on every rank."""
+    """Returns (parameters after the first step, final parameters, final VD) of STEPS pre-training steps, each
+    taken by train.optimizer_step (the step that trains) with MICRO accumulation micro-steps, so no_sync on the
+    first, clipping, and an enabled gradient scaler (fp16's path: the loss scaled, the gradients unscaled before
+    clipping; exact in fp32, the scale being a power of two). vd_options: with the dictionary options beyond
+    the paper (k-means start from the first step's features, restarts after 1 idle update), whose draws must be
+    the same on every rank."""
     torch.manual_seed(0)
     cfg = replace(soho.PRESETS["tiny"], dropout=0.0, backbone_bn="frozen", mvm_prob=0.0, vd_gamma=0.5,
                   vd_init="random", vd_restart_after=0)
     if vd_options:
         cfg = replace(cfg, vd_init="features", vd_restart_after=1)
     model = soho.SOHO(cfg)
-    tcfg = train.TrainConfig(lr=1e-3, lr_backbone=1e-2)
-    sgd, adamw = train.build_optimizers(model, tcfg, "pretrain")
-    net = model
-    if torch.distributed.is_initialized():
-        net = train.wrap_ddp(model, torch.device("cpu"), 0)
-    batch = shard(global_batch(), rank, world_size)
-    first_grads = None
+    tcfg = train.TrainConfig(lr=1e-3, lr_backbone=1e-2, global_batch=N_IMAGES,
+                             batch_per_gpu=N_IMAGES // MICRO // world_size)
+    optimizers = train.build_optimizers(model, tcfg, "pretrain")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, enabled=True)
+    ctx = train.Context(rank, world_size, 0, torch.device("cpu"), "off")
+    net = train.wrap_ddp(model, ctx.device, 0) if torch.distributed.is_initialized() else model
+    batches = micro_batches(global_batch(), rank, world_size)
+    first_step = None
     for step in range(STEPS):
-        out = net("pretrain", batch)
-        loss, _ = train.pretraining_loss(out, world_size, batch["itm_label"])
-        loss.backward()
-        if first_grads is None:
-            first_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        sgd.step()
-        adamw.step()
-        sgd.zero_grad()
-        adamw.zero_grad()
-        model.visual_dictionary.update()
+        train.optimizer_step(net, model, iter(batches), optimizers, scaler, tcfg, ctx, step)
+        if first_step is None:
+            first_step = {n: p.detach().clone() for n, p in model.named_parameters()}
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    return first_grads, params, model.visual_dictionary.embed.clone()
+    return first_step, params, model.visual_dictionary.embed.clone()
 
 
 if __name__ == "__main__":
     rank, world_size, _, _ = train.setup_distributed()
-    grads, params, vd = run(rank, world_size)
+    first_step, params, vd = run(rank, world_size)
     _, _, vd_options = run(rank, world_size, vd_options=True)
-    torch.save({"grads": grads, "params": params, "vd": vd, "vd_options": vd_options},
+    torch.save({"first_step": first_step, "params": params, "vd": vd, "vd_options": vd_options},
                os.path.join(sys.argv[1], f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()

@@ -18,6 +18,7 @@ from PIL import Image, ImageOps
 import data
 import evaluate
 import soho
+import synthetic
 import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -171,13 +172,6 @@ def test_nlvr2_train_images_in_a_flat_folder_are_found(tmp_path, caplog):
 
 # ---- data.py check ----
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("world"))
-    data.write_synthetic_world(root, seed=0, n_images=48)
-    return root
-
-
 def test_check_full_reports_every_file_of_the_synthetic_world(world, capsys):
     data.main(["check", "--data", world, "--image-short", "32", "--image-long", "48"])
     assert "quick mode" in capsys.readouterr().out
@@ -185,7 +179,7 @@ def test_check_full_reports_every_file_of_the_synthetic_world(world, capsys):
     out = capsys.readouterr().out
     images = [f for _, _, files in os.walk(world) for f in files if f.endswith((".jpg", ".png"))]
     annotations = sorted(os.path.relpath(os.path.join(d, f), world) for d, _, files in os.walk(world) for f in files
-                         if f.endswith((".json", ".jsonl")) and f != data.SYNTH_MANIFEST)
+                         if f.endswith((".json", ".jsonl")) and f != synthetic.SYNTH_MANIFEST)
     assert "full mode: every annotation record parsed, every image file opened" in out
     assert f"read {len(annotations)} annotation files" in out and f"opened {len(images)} image files" in out
     for name in annotations:

@@ -1,6 +1,8 @@
-"""Tests of data.py on small fixtures written in the real formats (CPU, a few seconds)."""
+"""Tests of data.py on small fixtures written in the real formats, and on a small synthetic world (CPU, a few
+seconds)."""
 
 import collections
+import dataclasses
 import json
 import logging
 import os
@@ -14,18 +16,12 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import data  # noqa: E402
+import soho  # noqa: E402
 
 SMALL = types.SimpleNamespace(image_short=64, image_long=96, max_text_len=24)  # small images keep tests fast
 
 
-# ---- fixtures ----
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("world"))
-    data.write_synthetic_world(root, seed=0, n_images=48)
-    return root
-
+# ---- fixtures (and `world`, the small synthetic world: conftest.py) ----
 
 @pytest.fixture(scope="module")
 def tok(world):
@@ -48,6 +44,20 @@ def karpathy_image(split, cocoid, captions, folder="train2014"):
     return {"filepath": folder, "filename": f"COCO_{folder}_{cocoid:012d}.jpg", "cocoid": cocoid, "split": split,
             "imgid": cocoid, "sentids": list(range(len(captions))),
             "sentences": [{"raw": c, "tokens": c.split(), "imgid": cocoid, "sentid": k} for k, c in enumerate(captions)]}
+
+
+# ---- files ----
+
+def test_write_json_writes_what_json_dump_writes_and_no_tmp_file(tmp_path):
+    """data.write_json: json.dump's bytes (the world's files are written with it), the folder made, no .tmp left."""
+    obj = {"a": [1, 2.5, None], "b": "caf\u00e9 \n"}
+    path = str(tmp_path / "new" / "x.json")
+    data.write_json(path, obj)
+    assert open(path, encoding="utf-8").read() == json.dumps(obj) and os.listdir(tmp_path / "new") == ["x.json"]
+    data.write_json(path, obj, indent=1)
+    assert open(path, encoding="utf-8").read() == json.dumps(obj, indent=1)
+    data.write_json_lines(path + "l", [obj, {"c": 1}])
+    assert [r for _, r in data.read_json_lines(path + "l", "")] == [obj, {"c": 1}]
 
 
 # ---- text ----
@@ -122,7 +132,7 @@ def test_mask_tokens_statistics():
     masked, labels = data.mask_tokens(ids, mask, vocab, prob=0.15, generator=g)
 
     candidates = mask & (ids > 4)
-    chosen = labels != -100
+    chosen = labels != soho.IGNORE
     assert not (chosen & ~candidates).any()  # special tokens and padding never masked
     assert (labels[chosen] == ids[chosen]).all()
     assert (masked[~chosen] == ids[~chosen]).all()
@@ -137,7 +147,7 @@ def test_mask_tokens_statistics():
     # at least one chosen token in every row that has a candidate, even a short one
     short = torch.tensor([[2, 10, 11, 3, 0], [2, 12, 3, 0, 0], [2, 3, 0, 0, 0]])
     _, short_labels = data.mask_tokens(short, short != 0, vocab, generator=g)
-    assert (short_labels[:2] != -100).sum(1).min() >= 1 and (short_labels[2] == -100).all()
+    assert (short_labels[:2] != soho.IGNORE).sum(1).min() >= 1 and (short_labels[2] == soho.IGNORE).all()
 
 
 def test_mask_tokens_reproducible_with_generator():
@@ -202,80 +212,6 @@ def test_bad_image_errors_name_the_file(tmp_path):
         data.load_image(str(good))
 
 
-# ---- synthetic world ----
-
-def test_synthetic_world_layout_and_determinism(world, tmp_path):
-    for rel in ("vocab.txt", "coco/dataset_coco.json", "vg/region_descriptions.json", "vg/image_data.json",
-                "vqa/v2_OpenEnded_mscoco_train2014_questions.json", "vqa/v2_OpenEnded_mscoco_val2014_questions.json",
-                "vqa/v2_OpenEnded_mscoco_test2015_questions.json", "vqa/v2_OpenEnded_mscoco_test-dev2015_questions.json",
-                "vqa/v2_mscoco_train2014_annotations.json", "vqa/v2_mscoco_val2014_annotations.json",
-                "nlvr2/train.json", "nlvr2/dev.json", "nlvr2/test1.json", "flickr30k/dataset_flickr30k.json",
-                "snli-ve/snli_ve_train.jsonl", "snli-ve/snli_ve_dev.jsonl", "snli-ve/snli_ve_test.jsonl",
-                data.SYNTH_MANIFEST):
-        assert os.path.isfile(os.path.join(world, rel)), rel
-    coco = json.load(open(os.path.join(world, "coco", "dataset_coco.json")))
-    assert {r["split"] for r in coco["images"]} == {"train", "restval", "val", "test"}
-    for r in coco["images"]:
-        assert r["filepath"] == ("train2014" if r["split"] == "train" else "val2014")
-        assert len(r["sentences"]) >= 5 and r["sentids"] == [s["sentid"] for s in r["sentences"]]
-        assert os.path.isfile(os.path.join(world, "coco", r["filepath"], r["filename"]))
-        w, h = Image.open(os.path.join(world, "coco", r["filepath"], r["filename"])).size
-        assert min(w, h) == 256 and max(w, h) <= 320
-    annotations = json.load(open(os.path.join(world, "vqa", "v2_mscoco_train2014_annotations.json")))["annotations"]
-    assert all(len(a["answers"]) == 10 for a in annotations)
-    assert {a["answer_type"] for a in annotations} <= {"yes/no", "number", "other"}
-    snli = [json.loads(l) for l in open(os.path.join(world, "snli-ve", "snli_ve_train.jsonl"))]
-    assert {r["gold_label"] for r in snli} == {"entailment", "neutral", "contradiction"}
-    nlvr2 = [json.loads(l) for l in open(os.path.join(world, "nlvr2", "train.json"))]
-    assert {r["label"] for r in nlvr2} == {"True", "False"} and all("directory" in r for r in nlvr2)
-
-    again = str(tmp_path / "again")
-    data.write_synthetic_world(again, seed=0, n_images=48)
-    for rel in ("coco/dataset_coco.json", "vocab.txt", "nlvr2/train.json", "snli-ve/snli_ve_dev.jsonl",
-                "vqa/v2_mscoco_val2014_annotations.json", "vg/region_descriptions.json",
-                "coco/train2014/" + sorted(os.listdir(os.path.join(world, "coco", "train2014")))[0]):
-        with open(os.path.join(world, rel), "rb") as a, open(os.path.join(again, rel), "rb") as b:
-            assert a.read() == b.read(), rel
-
-
-def test_synthetic_vqa_vocabulary_clears_the_official_threshold(tmp_path):
-    root = str(tmp_path / "w")
-    data.write_synthetic_world(root, seed=1, n_images=600)  # 1,800 train+val questions; the default has 6,000
-    vocab = data.build_vqa_answer_vocab(root)  # min_count=9, as for the real data
-    every_answer = (set(data.SYNTH_COLORS) | set(data.SYNTH_SHAPES) | {"0", "1", "2", "3", "4", "yes", "no"}
-                    | {"left", "right", "top", "bottom", "middle", "small", "big"})
-    assert set(vocab) == every_answer
-
-
-def test_ensure_synthetic_world_is_a_noop_when_present(tmp_path):
-    root = str(tmp_path / "synthetic")
-    assert data.ensure_synthetic_world(root, seed=0, n_images=16) == root
-    manifest = os.path.join(root, data.SYNTH_MANIFEST)
-    stamp = os.path.getmtime(manifest)
-    assert data.ensure_synthetic_world(root, seed=0, n_images=16) == root
-    assert os.path.getmtime(manifest) == stamp
-    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
-    (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "file").write_text("x")
-    with pytest.raises(data.DataError, match="other"):
-        data.ensure_synthetic_world(str(tmp_path / "other"))
-    assert data.default_data_root().endswith(os.path.join("data", f"synthetic-v{data.SYNTH_VERSION}"))
-    # a world written by another version of the writer is named, not silently reused
-    with open(manifest) as f:
-        old = json.load(f)
-    with open(manifest, "w") as f:
-        json.dump({**old, "format_version": data.SYNTH_VERSION - 1}, f)
-    with pytest.raises(data.DataError, match=f"version {data.SYNTH_VERSION - 1}.*remove the folder"):
-        data.ensure_synthetic_world(root)
-
-
-def test_every_synthetic_caption_names_its_background(world):
-    coco = json.load(open(os.path.join(world, "coco", "dataset_coco.json")))["images"]
-    for image in coco:
-        for s in image["sentences"]:
-            assert any(f"{bg} background" in s["raw"].lower() for bg in data.SYNTH_BACKGROUNDS), s["raw"]
-
-
 # ---- pre-training ----
 
 def test_pretrain_batches(world, tok):
@@ -297,10 +233,10 @@ def test_pretrain_batches(world, tok):
         own = ds.captions_of(i)
         if batch["itm_label"][row] == 1:
             assert text in own and source == i
-            assert (batch["mlm_labels"][row] != -100).any()
+            assert (batch["mlm_labels"][row] != soho.IGNORE).any()
         else:
             assert source != i and ds.keys[source] != ds.keys[i] and text not in own and text in ds.captions_of(source)
-            assert (batch["mlm_labels"][row] == -100).all()
+            assert (batch["mlm_labels"][row] == soho.IGNORE).all()
             assert batch["text_mask"][row].sum() == len(tok.encode(text))
         ids = batch["input_ids"][row]
         assert ids[0] == tok.cls_id and ids[batch["text_mask"][row].sum() - 1] == tok.sep_id
@@ -341,6 +277,36 @@ def test_pretrain_negatives_are_random_captions_by_default(world, tok):
     assert 0.7 < overlap[0] / overlap[1] < 1.4
 
 
+def test_subject_negatives_share_the_subject_and_leave_no_text_trace(tmp_path_factory):
+    """negatives="subject": the third text names the image's own background (the synthetic world's subject), yet
+    over many epochs it is distributed like a matched caption: its mean length (the trace that "hard" leaves, a
+    text-only model's cue) stays that of the matched captions, while "hard" makes it ~2.7 words longer."""
+    import synthetic
+
+    root = str(tmp_path_factory.mktemp("world120"))
+    synthetic.write_synthetic_world(root, seed=0, n_images=120)
+    tok = data.Tokenizer.from_vocab(os.path.join(root, "vocab.txt"), 24)
+    length_gap, same_background = {}, {}
+    for negatives in ("random", "subject", "hard"):
+        ds = data.build_dataset("pretrain", "train", root, tok, SMALL, seed=0, negatives=negatives)
+        matched, third, same, named = [], [], 0, 0
+        for epoch in range(100):
+            ds.set_epoch(epoch)
+            for i in range(len(ds)):
+                texts, _ = ds.choose_texts(i, ds.example_rng(i))
+                matched += [len(t.split()) for t in texts[:2]]
+                third.append(len(texts[2].split()))
+                background = [w for w in synthetic.SYNTH_BACKGROUNDS if f"{w} background" in texts[0].lower()]
+                if background:  # COCO captions name it; Visual Genome's region descriptions do not
+                    named += 1
+                    same += f"{background[0]} background" in texts[2].lower()
+        length_gap[negatives] = sum(third) / len(third) - sum(matched) / len(matched)
+        same_background[negatives] = same / named
+    assert same_background["subject"] > 0.95 and same_background["random"] < 0.3
+    assert abs(length_gap["random"]) < 0.3 and abs(length_gap["subject"]) < 0.4
+    assert length_gap["hard"] > 1.5
+
+
 def test_training_and_evaluation_sets_are_disjoint(world, tok):
     """No evaluation scores an example the model trained on: per task, the default training split and each
     evaluation split share no image (no question, no sentence pair)."""
@@ -354,7 +320,7 @@ def test_training_and_evaluation_sets_are_disjoint(world, tok):
         e = held_out[0]  # held-out pairs are scored as they are: nothing masked, nothing to predict
         assert e["texts"][0] in held_out.captions_of(0) and e["texts"][2] not in held_out.captions_of(0)
         assert all(t != tok.mask_id for ids in e["input_ids"] for t in ids)
-        assert all(label == -100 for row in e["mlm_labels"] for label in row)
+        assert all(label == soho.IGNORE for row in e["mlm_labels"] for label in row)
     for source in ("coco", "flickr30k"):
         train = data.build_dataset("retrieval", "train", world, tok, SMALL, source=source)
         for split in ("val", "test"):
@@ -429,6 +395,60 @@ def test_pretrain_reads_coco_and_vg_without_leakage(tmp_path, hand_tok):
             assert source in (1, 3)  # never a caption of the same photograph
         batch = ds.collate([ds[i] for i in range(4)])
         assert batch["images"].shape[0] == 4
+
+
+# ---- random batches ----
+
+def collated_batch(task, world, tok):
+    """A real batch of a task from the small world: 3 examples (2 for NLVR2)."""
+    opts = {"seed": 0, "min_answer_count": 1} if task == "vqa" else {"seed": 0}
+    ds = data.build_dataset(task, "train", world, tok, SMALL, **opts)
+    return ds.collate([ds[i] for i in range(2 if task == "nlvr2" else 3)])
+
+
+def layout(batch):
+    """key -> what a batch must agree on: a tensor's dtype and shape, a list's length and item type."""
+    return {k: (v.dtype, tuple(v.shape)) if torch.is_tensor(v) else
+            (type(v), len(v), type(v[0])) if isinstance(v, list) else type(v) for k, v in batch.items()}
+
+
+@pytest.mark.parametrize("task", data.TASKS)
+def test_random_batch_is_laid_out_as_a_collated_batch_and_the_model_runs_on_it(world, tok, task):
+    real = collated_batch(task, world, tok)
+    n = real["input_ids"].shape[0] // (4 if task == "pretrain" else 1)
+    config = soho.PRESETS["tiny"]
+    if task == "vqa":
+        config = dataclasses.replace(config, num_answers=real["targets"].shape[1])
+    batch = data.random_batch(task, config, n, image_size=real["images"].shape[-2:],
+                              text_len=real["input_ids"].shape[1], seed=1)
+    assert layout(batch) == layout(real)
+    model = soho.SOHO(config)
+    if task == "pretrain":
+        out = model.pretrain_losses(batch)
+        assert out["mlm"].count == (batch["mlm_labels"] != soho.IGNORE).sum() and out["itm"].count == 4 * n
+        assert all(torch.isfinite(out[k].mean) for k in ("mlm", "mvm", "itm"))
+    else:
+        shape = {"retrieval": (n, n, 2), "vqa": (n, config.num_answers), "nlvr2": (n, 2), "snli-ve": (n, 3)}[task]
+        assert model.task_logits(task, batch).shape == shape
+
+
+def test_random_pretrain_batch_is_masked_as_pretrain_dataset_masks():
+    config = soho.PRESETS["tiny"]
+    batch = data.random_batch("pretrain", config, 6, seed=3)
+    assert all(torch.equal(batch[k], v) for k, v in data.random_batch("pretrain", config, 6, seed=3).items()
+               if torch.is_tensor(v))  # the same for the same seed
+    assert not torch.equal(batch["input_ids"], data.random_batch("pretrain", config, 6, seed=4)["input_ids"])
+    assert batch["images"].shape == (6, 3, config.image_short, config.image_short) and batch["image_mask"].all()
+    assert batch["input_ids"].shape == (24, config.max_text_len) and batch["itm_label"].tolist() == [1, 1, 0, 0] * 6
+    targets = batch["mlm_labels"] != soho.IGNORE
+    matched = batch["itm_label"] == 1
+    assert targets[matched].any(dim=1).all() and not targets[~matched].any()  # >= 1 per matched text, no other
+    lengths = batch["text_mask"].sum(1)
+    assert lengths.max() == config.max_text_len and lengths.min() >= 3
+    assert not targets[:, 0].any() and not targets[torch.arange(24), lengths - 1].any()  # [CLS], [SEP]
+    assert (batch["mlm_labels"][targets] >= 5).all()  # words only
+    assert (batch["input_ids"][~matched] == 4).any()  # the mismatched texts are masked too, without labels
+    assert (batch["text_source"].view(6, 4)[:, :2] == torch.arange(6)[:, None]).all()
 
 
 # ---- retrieval ----

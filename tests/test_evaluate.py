@@ -190,13 +190,6 @@ def test_shards_cover_each_example_once():
         evaluate.merge_examples([rows([0, 2, 4]), rows([1])], 5)
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("world"))
-    data.write_synthetic_world(root, seed=0, n_images=48)  # 6 COCO test and 6 val images, 57 VQA val questions
-    return root
-
-
 def tiny_model(world, num_answers):
     tokenizer = data.Tokenizer.from_vocab(os.path.join(world, "vocab.txt"), 24)
     cfg = soho.config_from_preset("tiny", resnet_width=8, hidden_size=64, num_layers=1, num_heads=2,
