@@ -1481,51 +1481,12 @@ def _check(data_root, vocab, image_short, image_long, full=False):
     if tokenizer is None:
         print(f"no vocabulary at {vocab}: counting only, not reading examples")
     _files_read = set() if full else None
-    references, unavailable = [], 0
     try:
-        answer_vocab = None
-        try:
-            answer_vocab = build_vqa_answer_vocab(data_root)
-            print(f"vqa answer vocabulary: {len(answer_vocab)} answers")
-        except DataError as e:
-            print(e)
-        combos = [("pretrain", "train", {})]
-        combos += [("retrieval", s, {"source": src}) for src in ("coco", "flickr30k") for s in ("train", "val", "test")]
-        combos += [("vqa", s, {"answer_vocab": answer_vocab}) for s in VQA_SPLITS]
-        combos += [("nlvr2", s, {}) for s in ("train", "dev", "test1")]
-        combos += [("snli-ve", s, {}) for s in ("train", "dev", "test")]
-        for task, split, opts in combos:
-            name = f"{task} {opts.get('source', '')} {split}".replace("  ", " ")
-            try:
-                dataset = build_dataset(task, split, data_root, tokenizer, config, seed=0, **opts)
-            except DataError as e:
-                print(f"{name:28s} unavailable: {e}")
-                unavailable += 1
-                continue
-            extra = f", {len(dataset.texts)} captions" if hasattr(dataset, "texts") else ""
-            extra += "".join(f", {k} {v}" for k, v in sorted(dataset.stats.items()))
-            if full:
-                references += _image_references(name, dataset)
-            if tokenizer is not None and len(dataset):
-                try:
-                    dataset[0]
-                    extra += ", first example read"
-                except DataError as e:
-                    extra += f", first example unreadable: {e}"
-            print(f"{name:28s} {len(dataset):8d} examples{extra}")
-        vg_dir = os.path.join(data_root, "vg")
-        vg_files = [os.path.join(vg_dir, f) for f in ("region_descriptions.json", "image_data.json")]
-        if full and all(os.path.isfile(f) for f in vg_files):
-            try:  # pre-training drops the VG copies of COCO val/test images: open those too
-                vg, _ = read_visual_genome(vg_dir)
-                references += [(p, f"vg, image {os.path.splitext(os.path.basename(p))[0]}") for p, _, _ in vg]
-            except DataError as e:
-                print(f"{'vg (all images)':28s} unavailable: {e}")
+        references, unavailable = _check_sets(data_root, tokenizer, config, full)
     finally:
         files_read, _files_read = _files_read, None
     if not full:
         return 0
-
     named_by = {}  # image path -> the first set and key naming it
     for path, where in references:
         named_by.setdefault(path, where)
@@ -1535,10 +1496,60 @@ def _check(data_root, vocab, image_short, image_long, full=False):
             load_image(path)
         except DataError as e:
             bad.append((e, named_by[path]))
+    _print_full_check(data_root, vocab if tokenizer is not None else None, files_read, named_by, unavailable, bad)
+    return len(bad)
+
+
+def _check_sets(data_root, tokenizer, config, full):
+    """_check's first part: each task and split built and printed. Returns ([(image path, the set and key naming
+    it)] when full, else [], the number of sets unavailable)."""
+    references, unavailable, answer_vocab = [], 0, None
+    try:
+        answer_vocab = build_vqa_answer_vocab(data_root)
+        print(f"vqa answer vocabulary: {len(answer_vocab)} answers")
+    except DataError as e:
+        print(e)
+    combos = [("pretrain", "train", {})]
+    combos += [("retrieval", s, {"source": src}) for src in ("coco", "flickr30k") for s in ("train", "val", "test")]
+    combos += [("vqa", s, {"answer_vocab": answer_vocab}) for s in VQA_SPLITS]
+    combos += [("nlvr2", s, {}) for s in ("train", "dev", "test1")]
+    combos += [("snli-ve", s, {}) for s in ("train", "dev", "test")]
+    for task, split, opts in combos:
+        name = f"{task} {opts.get('source', '')} {split}".replace("  ", " ")
+        try:
+            dataset = build_dataset(task, split, data_root, tokenizer, config, seed=0, **opts)
+        except DataError as e:
+            print(f"{name:28s} unavailable: {e}")
+            unavailable += 1
+            continue
+        extra = f", {len(dataset.texts)} captions" if hasattr(dataset, "texts") else ""
+        extra += "".join(f", {k} {v}" for k, v in sorted(dataset.stats.items()))
+        if full:
+            references += _image_references(name, dataset)
+        if tokenizer is not None and len(dataset):
+            try:
+                dataset[0]
+                extra += ", first example read"
+            except DataError as e:
+                extra += f", first example unreadable: {e}"
+        print(f"{name:28s} {len(dataset):8d} examples{extra}")
+    vg_dir = os.path.join(data_root, "vg")
+    vg_files = [os.path.join(vg_dir, f) for f in ("region_descriptions.json", "image_data.json")]
+    if full and all(os.path.isfile(f) for f in vg_files):
+        try:  # pre-training drops the VG copies of COCO val/test images: open those too
+            vg, _ = read_visual_genome(vg_dir)
+            references += [(p, f"vg, image {os.path.splitext(os.path.basename(p))[0]}") for p, _, _ in vg]
+        except DataError as e:
+            print(f"{'vg (all images)':28s} unavailable: {e}")
+    return references, unavailable
+
+
+def _print_full_check(data_root, vocab, files_read, named_by, unavailable, bad):
+    """_check's summary in full mode: the annotation files read, the image files per folder, every bad image."""
     folders = collections.Counter(re.sub(r"[/\\]\d+$", "/<directory>", os.path.relpath(os.path.dirname(p), data_root))
                                   for p in named_by)
     print(f"\nfull check of {data_root}: read {len(files_read)} annotation files"
-          + (f" and the vocabulary {vocab}" if tokenizer is not None else "") + f", opened {len(named_by)} image files")
+          + (f" and the vocabulary {vocab}" if vocab else "") + f", opened {len(named_by)} image files")
     for path in sorted(files_read):
         print(f"  {os.path.relpath(path, data_root)}")
     for folder, n in sorted(folders.items()):
@@ -1548,7 +1559,6 @@ def _check(data_root, vocab, image_short, image_long, full=False):
     print(f"bad image files: {len(bad)}")
     for e, where in bad:
         print(f"  {e} (named by {where})")
-    return len(bad)
 
 
 def _bench(args):

@@ -522,7 +522,11 @@ class VisualDictionary(nn.Module):
 
     @torch.no_grad()
     def update(self):
-        """Apply Eq. 4 to the statistics gathered since the last call; returns the global counts [k]."""
+        """Apply Eq. 4 to the statistics gathered since the last call; returns the global counts [k].
+
+        This is ema_update (Eq. 4) split at its seam: accumulate ran assignment_statistics on each micro-batch,
+        all_reduce_statistics sums them over ranks (the only collective of Eq. 4), and
+        ema_update_from_statistics applies the update, so every rank takes the same step on the global batch."""
         sums, counts = all_reduce_statistics(self.pending_sums.clone(), self.pending_counts.clone())
         features = self._gathered_features() if self.needs_features else None
         generator = torch.Generator().manual_seed(int(self.updates))  # the same draws on every rank

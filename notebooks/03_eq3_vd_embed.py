@@ -11,14 +11,11 @@
 # a "visual vocabulary" as it sees $|vocab|$ distinct word vectors.
 
 # %%
-import math
-
 import matplotlib.pyplot as plt
-import numpy as np
 import torch
 
 import helpers  # notebooks/helpers.py: the synthetic world, a briefly pre-trained tiny SOHO, plotting
-import data, soho, train  # soho.py, data.py, train.py: helpers put the repository root on sys.path
+import soho, train  # the repository's modules: helpers put its root on sys.path
 torch.manual_seed(0);
 
 # %%

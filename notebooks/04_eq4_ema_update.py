@@ -15,14 +15,11 @@
 # (`all_reduce_statistics`, the only collective) and applies Eq. 4 with the model's `vd_gamma` = 0.9.
 
 # %%
-import math
-
 import matplotlib.pyplot as plt
-import numpy as np
 import torch
 
 import helpers  # notebooks/helpers.py: the synthetic world, a briefly pre-trained tiny SOHO, plotting
-import data, soho, train  # soho.py, data.py, train.py: helpers put the repository root on sys.path
+import soho, train  # the repository's modules: helpers put its root on sys.path
 torch.manual_seed(0);
 
 # %% [markdown]
@@ -97,7 +94,33 @@ plt.tight_layout()
 # k-means of the first step's features (`kmeans_init`; the tiny preset's default), and `vd_restart_after=N`
 # moves an entry unused for N updates onto a current feature (`restart_dead_entries`). The README's "Differences"
 # table gives their measured use of the entries and why the tiny preset starts from features but does not restart.
+
+# %% [markdown]
+# ## The dictionary of a longer run
 #
+# The default `python train.py` run (1,515 steps, kept in `notebooks/demo/`) started its dictionary from a
+# k-means of the first step's features. On the tokens of 64 scenes that no model trained on, we count the entries
+# its dictionary uses, and those that the paper's start, `torch.randn(k, c)` followed by 30 rounds of Eq. 2 and
+# Eq. 4 on the same tokens, ends up using.
+
+# %%
+demo, _, _ = helpers.demo_model()
+_, _, fresh_images, fresh_mask = helpers.fresh_scenes(64, seed=4)
+with torch.no_grad():
+    V_fresh, valid_fresh, _ = demo.encode(fresh_images, fresh_mask)
+h_fresh = soho.vq_lookup(V_fresh[valid_fresh], demo.visual_dictionary.embed)
+demo_counts = torch.bincount(h_fresh, minlength=demo.config.vd_size)
+p = demo_counts[demo_counts > 0].double() / demo_counts.sum()
+v_fresh = V_fresh[valid_fresh]
+D_random = soho.VisualDictionary(k, c, gamma).embed.clone()  # the paper's N(0, 1) start
+for step in range(30):
+    D_random = soho.ema_update(D_random, v_fresh, soho.vq_lookup(v_fresh, D_random), gamma)  # Eq. 2, then Eq. 4
+random_used = len(soho.vq_lookup(v_fresh, D_random).unique())
+print(f"{len(h_fresh)} tokens: the default run's dictionary uses {int((demo_counts > 0).sum())} of {k} entries "
+      f"(perplexity {float(torch.exp(-(p * p.log()).sum())):.1f}); the N(0, 1) start, after 30 updates, "
+      f"{random_used}")
+
+# %% [markdown]
 # ## What this notebook claims
 
 # %%
@@ -127,4 +150,6 @@ vd.update()
 torch.testing.assert_close(vd.embed, D1)
 # no gradient flows into the dictionary update
 assert not soho.ema_update(D0, v.clone().requires_grad_(), h, gamma).requires_grad
+# on the same tokens, the default run's dictionary (started from features) uses twice the entries of the N(0, 1) start
+assert int((demo_counts > 0).sum()) >= 2 * random_used
 print("all claims hold")

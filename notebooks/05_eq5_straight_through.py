@@ -11,14 +11,11 @@
 # $f(v_i)$ is passed to $v_i$ unchanged, and nothing reaches the dictionary.
 
 # %%
-import math
-
 import matplotlib.pyplot as plt
-import numpy as np
 import torch
 
 import helpers  # notebooks/helpers.py: the synthetic world, a briefly pre-trained tiny SOHO, plotting
-import data, soho, train  # soho.py, data.py, train.py: helpers put the repository root on sys.path
+import soho, train  # the repository's modules: helpers put its root on sys.path
 torch.manual_seed(0);
 
 # %% [markdown]

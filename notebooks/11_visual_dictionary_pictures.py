@@ -13,18 +13,16 @@
 # the image.
 
 # %%
-import math
-
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
 import helpers  # notebooks/helpers.py: the synthetic world, a briefly pre-trained tiny SOHO, plotting
-import data, soho, train  # soho.py, data.py, train.py: helpers put the repository root on sys.path
+import soho, train  # the repository's modules: helpers put its root on sys.path
 torch.manual_seed(0);
 
 # %%
-model, ckpt = train.load_model(helpers.pretrained())
+model, _, _ = helpers.demo_model()  # the default `python train.py` run (notebooks/demo), 1,515 steps
 paths = helpers.image_paths(200)  # every image of the val2014 folder
 patches, indices, features = [], [], []
 for start in range(0, len(paths), 16):

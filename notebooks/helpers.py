@@ -101,6 +101,31 @@ def pretrained():
     return train_once("pretrain", pretrain_argv())
 
 
+def demo_model():
+    """The model of the default `python train.py` run (1,515 steps; held-out ITM in its "metrics"), kept in
+    notebooks/demo/ by make_demo.py, so that a notebook can show what pre-training learns without 7 minutes of
+    training first. Returns (model in eval mode, fp32, the demo dict, a tokenizer of its vocabulary)."""
+    demo = torch.load(os.path.join(HERE, "demo", "tiny-pretrained.pt"), map_location="cpu")
+    model = soho.SOHO(soho.SOHOConfig(**demo["model_config"]))
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in demo["model"].items()})
+    tok = data.Tokenizer.from_vocab(os.path.join(HERE, "demo", "vocab.txt"), model.config.max_text_len)
+    return model.eval(), demo, tok
+
+
+def fresh_scenes(n, seed=0):
+    """n scenes drawn fresh from the synthetic world's generator (no model was trained on them), each with one of
+    its captions: (scenes, captions, images [n, 3, H, W], image_mask [n, H, W])."""
+    import random
+    rng = random.Random(f"notebooks/{seed}")
+    scenes = [synthetic.random_scene(rng) for _ in range(n)]
+    captions = [synthetic.synth_captions(s, rng, 1)[0] for s in scenes]
+    config = soho.PRESETS["tiny"]
+    tensors = [data.image_to_tensor(data.resize_image(synthetic.render_scene(s), config.image_short,
+                                                      config.image_long)) for s in scenes]
+    images, image_mask = data.pad_images(tensors)
+    return scenes, captions, images, image_mask
+
+
 def read_log(ckpt_path):
     """The rows of train.py's log.jsonl next to a checkpoint, as a dict of lists."""
     import json
