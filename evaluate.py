@@ -603,34 +603,6 @@ def median_times(fns, device, repeats, warmup, inner=None):
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def random_images(n, size, device, generator):
-    """n random 'images' of size (h, w), padded to a multiple of 32 as data.pad_images does, with their mask."""
-    h, w = size
-    H, W = math.ceil(h / 32) * 32, math.ceil(w / 32) * 32
-    images = torch.zeros(n, 3, H, W)
-    images[:, :, :h, :w] = torch.randn(n, 3, h, w, generator=generator)
-    mask = torch.zeros(n, H, W, dtype=torch.bool)
-    mask[:, :h, :w] = True
-    return images.to(device), mask.to(device)
-
-
-def synthetic_pretrain_batch(cfg, n_images, size, text_len, device, seed=0):
-    """A pre-training batch (the keys of data.PretrainDataset.collate) with random content: n_images images x 4
-    texts (2 matched, 2 mismatched), 15% of the matched texts' tokens as MLM targets."""
-    g = torch.Generator().manual_seed(seed)
-    images, image_mask = random_images(n_images, size, "cpu", g)
-    ids = torch.randint(5, cfg.vocab_size, (4 * n_images, text_len), generator=g)
-    itm_label = torch.tensor([1, 1, 0, 0]).repeat(n_images)
-    chosen = (torch.rand(ids.shape, generator=g) < 0.15) & (itm_label[:, None] == 1)
-    chosen[:, 0] = chosen[:, -1] = False  # [CLS] and [SEP] are never predicted
-    chosen[itm_label == 1, 1] = True  # at least one target per matched text
-    batch = {"images": images, "image_mask": image_mask, "input_ids": ids,
-             "text_mask": torch.ones_like(ids, dtype=torch.bool),
-             "img_index": torch.arange(n_images).repeat_interleave(4), "itm_label": itm_label,
-             "mlm_labels": torch.where(chosen, ids, torch.full_like(ids, soho.IGNORE))}
-    return train.to_device(batch, device)
-
-
 def measure_speed(model, size, device, amp, repeats, warmup, text_len=16, batch=1, pretrain_images=1,
                   vq_tokens=None):
     """Sec. 4.5 on this machine: a dict of times (ms per image-text pair) and the two ratios.
@@ -648,8 +620,8 @@ def measure_speed(model, size, device, amp, repeats, warmup, text_len=16, batch=
     """
     cfg = model.config
     g = torch.Generator().manual_seed(0)
-    images, image_mask = random_images(batch, size, device, g)
-    ids = torch.randint(5, cfg.vocab_size, (batch, text_len), generator=g).to(device)
+    images, image_mask = (t.to(device) for t in data.random_images(batch, size, g))
+    ids = torch.randint(5, cfg.vocab_size, (batch, text_len), generator=g).to(device)  # text_len real tokens each
     model.eval()
     with torch.no_grad(), train.autocast_context(device, amp):
         V, valid, grid = model.encode(images, image_mask)
@@ -703,7 +675,8 @@ def time_pretrain_steps(model, n_images, size, text_len, device, amp, repeats, w
     """Median seconds of a pre-training step (forward + backward) with the CNN once per image ("shared") and with
     each image repeated for its 4 texts ("repeated"), side by side. Leaves the model in eval mode, no gradients,
     and no pending Eq. 4 statistics."""
-    shared = synthetic_pretrain_batch(model.config, n_images, size, text_len, device)
+    shared = train.to_device(data.random_batch("pretrain", model.config, n_images, image_size=size,
+                                               text_len=text_len), device)
     repeated = dict(shared, images=shared["images"].repeat_interleave(4, 0),
                     image_mask=shared["image_mask"].repeat_interleave(4, 0),
                     img_index=torch.arange(4 * n_images, device=device))
