@@ -50,7 +50,7 @@ import synthetic
 import train
 from soho import SOHO, vd_embed, vq_lookup
 
-TASKS = ("retrieval", "vqa", "nlvr2", "snli-ve", "itm", "speed", "vd")
+EVALUATIONS = (*soho.TASKS[1:], "itm", "speed", "vd")  # the four downstream tasks, held-out ITM, speed, VD pictures
 DEFAULT_SPLIT = {"retrieval": "test", "vqa": "val", "nlvr2": "dev", "snli-ve": "test", "vd": "val", "itm": "val"}
 RUN_OF_TASK = {"retrieval": "retrieval", "vqa": "vqa", "nlvr2": "nlvr2", "snli-ve": "snli-ve", "vd": "pretrain",
                "speed": "pretrain", "itm": "pretrain"}
@@ -967,7 +967,7 @@ def report(result):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--task", required=True, choices=EVALUATIONS)
     p.add_argument("--checkpoint", nargs="?", const="default", default=None,
                    help="a ckpt.pt or run folder; without a value (or, except for speed, when left out): the "
                    "task's default run runs/<task>/ckpt.pt (runs/pretrain for vd and speed)")

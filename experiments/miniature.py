@@ -27,7 +27,7 @@ import train  # noqa: E402
 PRETRAININGS = {"vd128": [], "no-vd": ["--use_vd=false"], "vd32": ["--vd_size=32"], "vd512": ["--vd_size=512"],
                 "text-only": ["--text_only=true"]}
 # task -> (fine-tuning flags, evaluation flags, function picking the headline metric from the evaluation result)
-TASKS = {
+FINE_TUNING = {
     "retrieval": (["--batch_per_gpu=8", "--global_batch=8"], ["--split", "test", "--max-images", "50"],
                   lambda r: next(iter(r["metrics"].values()))),
     "vqa": (["--batch_per_gpu=16", "--global_batch=16"], ["--split", "val", "--max-examples", "500"],
@@ -67,7 +67,7 @@ def report(path):
     lines = ["| task (metric) | " + " | ".join(inits) + " |", "| --- |" + " --- |" * len(inits)]
     names = {"retrieval": "retrieval (mean of TR and IR R@1)", "vqa": "VQA (accuracy)",
              "nlvr2": "NLVR2 (accuracy)", "snli-ve": "SNLI-VE (accuracy)"}
-    for task in TASKS:
+    for task in FINE_TUNING:
         out = []
         for init in inits:
             v = cells.get((task, init), [])
@@ -99,7 +99,7 @@ def main():
     p.add_argument("--steps", type=int, default=150, help="fine-tuning steps per task")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated fine-tuning seeds")
     p.add_argument("--pretrainings", default=",".join(PRETRAININGS), help="which of " + ",".join(PRETRAININGS))
-    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--tasks", default=",".join(FINE_TUNING))
     p.add_argument("--pretrain-args", default="", help='extra train.py flags for pre-training, e.g. "--epochs=10"')
     p.add_argument("--pretrained", default="", help="use this checkpoint of the default pre-training (e.g. "
                    "runs/pretrain/ckpt.pt from `python train.py`) as vd128 instead of pre-training again")
@@ -128,7 +128,7 @@ def main():
                 m = train.main(["--out", run, *PRETRAININGS[init], *args.pretrain_args.split()])
                 record(results, f"pretrain/{init}", minutes=(time.time() - t0) / 60, final=m)
         for task in args.tasks.split(","):
-            ft_flags, eval_flags, pick = TASKS[task]
+            ft_flags, eval_flags, pick = FINE_TUNING[task]
             for seed in seeds:
                 key = f"{task}/{init}/seed{seed}"
                 if key in done:
