@@ -861,41 +861,39 @@ class PretrainDataset(ImageTextDataset):
     def captions_of(self, i):
         return [self.captions[c] for c in range(self.caption_start[i], self.caption_start[i + 1])]
 
-    def _other_caption(self, i, own, rng):
-        """(index of another photograph, one of its captions that is not also a caption of image i)."""
-        for _ in range(100):
-            j = rng.randrange(len(self))
-            if j != i and self.keys[j] != self.keys[i]:
-                c = self.caption_start[j] + rng.randrange(self.caption_start[j + 1] - self.caption_start[j])
-                if self.captions[c] not in own:
-                    return j, self.captions[c]
-        raise DataError("pre-training needs captions of at least two different images")
-
-    def _same_subject_caption(self, i, own, rng):
-        """(index, caption) of a random other photograph with image i's subject, or None if it has none."""
-        group = self.same_subject[i]
-        for _ in range(20 if len(group) > 1 else 0):
-            j = int(group[rng.randrange(len(group))])
+    def _caption_of_another(self, i, own, rng, pool=None, tries=100):
+        """(index of another photograph, one of its captions that is not also a caption of image i), the
+        photograph drawn from `pool` (image indices; default: every image); None if `tries` draws find none."""
+        for _ in range(tries):
+            j = rng.randrange(len(self)) if pool is None else int(pool[rng.randrange(len(pool))])
             if j != i and self.keys[j] != self.keys[i]:
                 c = self.caption_start[j] + rng.randrange(self.caption_start[j + 1] - self.caption_start[j])
                 if self.captions[c] not in own:
                     return j, self.captions[c]
         return None
 
+    def _random_caption(self, i, own, rng):
+        found = self._caption_of_another(i, own, rng)
+        if found is None:
+            raise DataError("pre-training needs captions of at least two different images")
+        return found
+
     def choose_texts(self, i, rng):
         """Image i's 4 texts (matched, matched, the chosen mismatch, a random mismatch) and the index of the image
         each comes from, drawn with `rng`."""
         own = self.captions_of(i)
         matched = rng.sample(own, 2) if len(own) >= 2 else [own[0], own[0]]
-        random_source, random_text = self._other_caption(i, own, rng)
-        hard_source, hard_text = self._other_caption(i, own, rng)
-        if self.negatives == "subject":
-            hard_source, hard_text = self._same_subject_caption(i, own, rng) or (hard_source, hard_text)
-        elif self.negatives == "hard":
+        random_source, random_text = self._random_caption(i, own, rng)
+        chosen = None
+        if self.negatives == "subject":  # an image that is alone with its subject falls back to a random caption
+            group = self.same_subject[i]
+            chosen = self._caption_of_another(i, own, rng, pool=group, tries=20 if len(group) > 1 else 0)
+        hard_source, hard_text = chosen or self._random_caption(i, own, rng)
+        if self.negatives == "hard":
             words = content_words(matched[0])
             best = len(words & content_words(hard_text))
             for _ in range(self.hard_pool - 1):
-                j, text = self._other_caption(i, own, rng)
+                j, text = self._random_caption(i, own, rng)
                 overlap = len(words & content_words(text))
                 if overlap > best:
                     best, hard_source, hard_text = overlap, j, text
@@ -1336,7 +1334,9 @@ def build_snli_ve(split, data_root, tokenizer, common, opts):
 # tests and speed measurements that need a batch but no data set. Token ids follow the synthetic world's vocabulary,
 # whose special tokens come first in SPECIAL_TOKENS order: [PAD] = 0, [UNK] = 1, [CLS] = 2, [SEP] = 3, [MASK] = 4.
 
-RANDOM_BATCH_TOKENS = types.SimpleNamespace(pad_id=0, cls_id=2, sep_id=3, mask_id=4, special_ids=(0, 1, 2, 3, 4))
+RANDOM_BATCH_TOKENS = types.SimpleNamespace(  # the ids a vocabulary that opens with SPECIAL_TOKENS gives them
+    pad_id=SPECIAL_TOKENS.index("[PAD]"), cls_id=SPECIAL_TOKENS.index("[CLS]"), sep_id=SPECIAL_TOKENS.index("[SEP]"),
+    mask_id=SPECIAL_TOKENS.index("[MASK]"), special_ids=tuple(range(len(SPECIAL_TOKENS))))
 
 
 def random_images(n, image_size, generator):

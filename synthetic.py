@@ -104,6 +104,13 @@ def render_scene(scene):
     return img
 
 
+def scene_batch(scenes, image_short, image_long):
+    """Scenes drawn straight into a batch, resized and padded as data.py's datasets prepare images, without
+    files: (images [n, 3, H, W], image_mask [n, H, W]). For probes on scenes no model has seen."""
+    return data.pad_images([data.image_to_tensor(data.resize_image(render_scene(s), image_short, image_long))
+                            for s in scenes])
+
+
 # ---- Its language: captions, questions, answers ----
 # COCO-like captions (and VG region phrases), VQA questions with the answers of 10 annotators.
 

@@ -497,17 +497,18 @@ class VDHealth:
         self.counts = torch.zeros(k)
 
     def add(self, counts):
-        self.counts += counts.float().cpu()
+        # summed where the counts live (a GPU: no device-to-host copy per step); summary reads them once
+        self.counts = self.counts.to(counts.device) + counts.float()
 
     def summary(self):
-        total = self.counts.sum()
+        counts = self.counts.cpu()
+        self.counts = torch.zeros_like(self.counts)
+        total = counts.sum()
         if total == 0:
             return {}
-        p = self.counts / total
+        p = counts / total
         entropy = -(p[p > 0] * p[p > 0].log()).sum()
-        out = {"vd_used": (self.counts > 0).float().mean().item(), "vd_ppl": entropy.exp().item()}
-        self.counts.zero_()
-        return out
+        return {"vd_used": (counts > 0).float().mean().item(), "vd_ppl": entropy.exp().item()}
 
 
 @dataclass
@@ -608,7 +609,7 @@ def optimizer_step(net, model, batches, optimizers, scaler, cfg, ctx, step):
     on the last micro-step only (no_sync on the others). With fp16 the gradient scaler scales the loss and
     unscales the gradients before clipping, so the clipping sees true gradients. Then both optimizers step, and
     the VD takes its Eq. 4 update, once per step, from the statistics of the whole global batch."""
-    accum = cfg.global_batch // (cfg.batch_per_gpu * ctx.world_size)
+    accum = accumulation_steps(cfg, ctx.world_size)
     totals, wait, compute = {}, 0.0, 0.0
     for micro in range(accum):
         t0 = time.time()
@@ -738,13 +739,18 @@ def build_model(cfg, model_cfg, model_overrides, bert_weights, init_ckpt, resume
     return model
 
 
-def batch_arithmetic(cfg, n_examples, world_size):
-    """(accumulation micro-steps, optimizer steps per epoch, steps in all), from
-    global_batch = batch_per_gpu x world_size x accumulation steps."""
+def accumulation_steps(cfg, world_size):
+    """Micro-steps per optimizer step: global_batch = batch_per_gpu x world_size x accumulation steps."""
     per_step = cfg.batch_per_gpu * world_size
     if cfg.global_batch % per_step:
         raise SystemExit(f"global_batch {cfg.global_batch} is not a multiple of batch_per_gpu {cfg.batch_per_gpu} x "
                          f"{world_size} processes; change --batch_per_gpu or --global_batch")
+    return cfg.global_batch // per_step
+
+
+def batch_arithmetic(cfg, n_examples, world_size):
+    """(accumulation micro-steps, optimizer steps per epoch, steps in all)."""
+    accum = accumulation_steps(cfg, world_size)
     steps_per_epoch = n_examples // cfg.global_batch
     if steps_per_epoch == 0:
         raise SystemExit(f"the {cfg.task} data set has {n_examples} examples, fewer than one global batch "
@@ -752,7 +758,7 @@ def batch_arithmetic(cfg, n_examples, world_size):
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
-    return cfg.global_batch // per_step, steps_per_epoch, total_steps
+    return accum, steps_per_epoch, total_steps
 
 
 def seed_this_rank(seed, ctx, ckpt):
@@ -846,8 +852,19 @@ class TrainingLog:
         self.bar.update(1)
 
     def write(self, progress, optimizers):
-        self.last = summarise(self.window, self.task, self.vd_health, optimizers, progress.step, progress.epoch,
-                              self.wait_time, self.compute_time)
+        """The means of the window (then emptied), the VD's use, the learning rates and the share of time spent
+        waiting for data, into `last`, log.jsonl and the progress bar."""
+        m = {"step": progress.step, "epoch": progress.epoch}
+        for name, (s, c) in self.window.items():
+            m[name] = (s / max(c, 1)).item()
+        if self.task == "pretrain":
+            m["loss"] = sum(m.get(k, 0.0) for k in ("mlm", "mvm", "itm"))
+        if self.vd_health:
+            m.update(self.vd_health.summary())
+        m["lr"] = optimizers[1].param_groups[0]["lr"]
+        m["lr_backbone"] = optimizers[0].param_groups[0]["lr"]
+        m["data_wait"] = self.wait_time / max(self.wait_time + self.compute_time, 1e-9)
+        self.last = m
         self.window.clear()
         if self.master_process:
             self.bar.set_postfix_str(format_metrics(self.last))
@@ -946,20 +963,6 @@ def check_finite(stats, step, task):
         terms = ", ".join(f"{k}={(v[0] / max(float(v[1]), 1)):.4g}" for k, v in stats.items())
         raise FloatingPointError(f"non-finite {task} loss at step {step + 1} ({terms}); stopping. The last "
                                  f"checkpoint is untouched: lower the learning rate or try --amp=off")
-
-
-def summarise(window, task, vd_health, optimizers, step, epoch, wait_time, compute_time):
-    m = {"step": step, "epoch": epoch}
-    for name, (s, c) in window.items():
-        m[name] = (s / max(c, 1)).item()
-    if task == "pretrain":
-        m["loss"] = sum(m.get(k, 0.0) for k in ("mlm", "mvm", "itm"))
-    if vd_health:
-        m.update(vd_health.summary())
-    m["lr"] = optimizers[1].param_groups[0]["lr"]
-    m["lr_backbone"] = optimizers[0].param_groups[0]["lr"]
-    m["data_wait"] = wait_time / max(wait_time + compute_time, 1e-9)
-    return m
 
 
 def format_metrics(m):

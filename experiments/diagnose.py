@@ -40,12 +40,6 @@ def scenes(n, seed):
     return [synthetic.random_scene(rng) for _ in range(n)]
 
 
-def scene_batch(scenes_, cfg):
-    images = [data.image_to_tensor(data.resize_image(synthetic.render_scene(s), cfg.image_short, cfg.image_long))
-              for s in scenes_]
-    return data.pad_images(images)
-
-
 @torch.no_grad()
 def stage_features(model, images, image_mask):
     """{stage name: [B, C] mean over the image's valid cells} along the visual pathway."""
@@ -84,7 +78,7 @@ def colour_probe(model, cfg, n_train=600, n_test=300):
         sc = scenes(n, part)
         labels.append(torch.tensor([[float(any(t.color == c for t in s.things)) for c in colours] for s in sc]))
         for start in range(0, n, 50):
-            images, mask = scene_batch(sc[start:start + 50], cfg)
+            images, mask = synthetic.scene_batch(sc[start:start + 50], cfg.image_short, cfg.image_long)
             for k, v in stage_features(model, images, mask).items():
                 feats.setdefault(k, {}).setdefault(part, []).append(v)
     y_train, y_test = labels

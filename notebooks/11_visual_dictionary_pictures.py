@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 import helpers  # notebooks/helpers.py: the synthetic world, a briefly pre-trained tiny SOHO, plotting
-import soho, train  # the repository's modules: helpers put its root on sys.path
+import soho  # the repository's modules: helpers put its root on sys.path
 torch.manual_seed(0);
 
 # %%

@@ -120,9 +120,7 @@ def fresh_scenes(n, seed=0):
     scenes = [synthetic.random_scene(rng) for _ in range(n)]
     captions = [synthetic.synth_captions(s, rng, 1)[0] for s in scenes]
     config = soho.PRESETS["tiny"]
-    tensors = [data.image_to_tensor(data.resize_image(synthetic.render_scene(s), config.image_short,
-                                                      config.image_long)) for s in scenes]
-    images, image_mask = data.pad_images(tensors)
+    images, image_mask = synthetic.scene_batch(scenes, config.image_short, config.image_long)
     return scenes, captions, images, image_mask
 
 
