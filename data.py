@@ -843,16 +843,18 @@ class PretrainDataset(ImageTextDataset):
     images: list of (path, [captions], picture key); equal keys mean the same photograph.
     """
 
-    def __init__(self, images, tokenizer, negatives="random", hard_pool=16, mlm_prob=0.15, **kwargs):
+    def __init__(self, images, tokenizer, negatives="random", hard_pool=16, mlm_prob=0.15, subject_from_epoch=-1,
+                 **kwargs):
         super().__init__(tokenizer, **kwargs)
         if negatives not in NEGATIVES:
             raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
+        self.subject_from_epoch = subject_from_epoch
         self.paths = StringTable(p for p, _, _ in images)
         self.captions = StringTable(c for _, caps, _ in images for c in caps)
         self.caption_start = np.cumsum([0] + [len(caps) for _, caps, _ in images], dtype=np.int64)
         self.keys = StringTable(str(k) for _, _, k in images)
         self.negatives, self.hard_pool, self.mlm_prob = negatives, hard_pool, mlm_prob
-        if negatives == "subject":
+        if negatives == "subject" or subject_from_epoch >= 0:
             self.same_subject = images_by_subject([caps for _, caps, _ in images])
 
     def __len__(self):
@@ -878,6 +880,10 @@ class PretrainDataset(ImageTextDataset):
             raise DataError("pre-training needs captions of at least two different images")
         return found
 
+    def negatives_now(self):
+        """The kind of the third text in this epoch: `negatives`, or "subject" from epoch subject_from_epoch on."""
+        return "subject" if 0 <= self.subject_from_epoch <= self.epoch else self.negatives
+
     def choose_texts(self, i, rng):
         """Image i's 4 texts (matched, matched, the chosen mismatch, a random mismatch) and the index of the image
         each comes from, drawn with `rng`."""
@@ -885,11 +891,11 @@ class PretrainDataset(ImageTextDataset):
         matched = rng.sample(own, 2) if len(own) >= 2 else [own[0], own[0]]
         random_source, random_text = self._random_caption(i, own, rng)
         chosen = None
-        if self.negatives == "subject":  # an image that is alone with its subject falls back to a random caption
+        if self.negatives_now() == "subject":  # an image that is alone with its subject falls back to a random caption
             group = self.same_subject[i]
             chosen = self._caption_of_another(i, own, rng, pool=group, tries=20 if len(group) > 1 else 0)
         hard_source, hard_text = chosen or self._random_caption(i, own, rng)
-        if self.negatives == "hard":
+        if self.negatives_now() == "hard":
             words = content_words(matched[0])
             best = len(words & content_words(hard_text))
             for _ in range(self.hard_pool - 1):
@@ -1265,7 +1271,8 @@ def build_pretrain(split, data_root, tokenizer, common, opts):
         images += [(p, caps, f"coco:{cid}" if cid is not None else f"vg:{os.path.basename(p)}") for p, caps, cid in vg]
         stats["vg_images"] = len(vg)
         stats.update(vg_stats)
-    dataset = PretrainDataset(images, tokenizer, negatives=negatives, **common)
+    dataset = PretrainDataset(images, tokenizer, negatives=negatives, mlm_prob=opts.get("mlm_prob", 0.15),
+                              subject_from_epoch=opts.get("subject_from_epoch", -1), **common)
     dataset.stats.update(stats)
     return dataset
 

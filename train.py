@@ -56,6 +56,8 @@ class TrainConfig:
     train_split: str = "train"  # the split trained on; vqa: train (train2014) | train+val (the paper, test server)
     itm_negatives: str = "random"  # pre-training mismatches: random (the paper) | subject | hard (data.NEGATIVES)
     text_only: bool = False  # the control that cannot see: every image replaced by one constant image
+    subject_from_epoch: int = -1  # from this epoch on (0-based; -1: never) the third text is a "subject" mismatch
+    mlm_prob: float = 0.15  # pre-training: the share of each text's tokens that MLM masks (BERT's 15%)
     # batch: `batch_per_gpu` examples per forward; gradient accumulation fills `global_batch` (examples per step)
     batch_per_gpu: int = 16
     global_batch: int = 16
@@ -931,7 +933,7 @@ def build_train_dataset(cfg, data_root, tokenizer, model_cfg):
     if cfg.task == "retrieval":
         opts["source"] = cfg.retrieval_source
     if cfg.task == "pretrain":
-        opts["negatives"] = cfg.itm_negatives
+        opts.update(negatives=cfg.itm_negatives, mlm_prob=cfg.mlm_prob, subject_from_epoch=cfg.subject_from_epoch)
     return data.build_dataset(cfg.task, cfg.train_split, data_root, tokenizer, model_cfg, **opts)
 
 

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import pickle
+import random
 import sys
 import types
 
@@ -305,6 +306,44 @@ def test_subject_negatives_share_the_subject_and_leave_no_text_trace(tmp_path_fa
     assert same_background["subject"] > 0.95 and same_background["random"] < 0.3
     assert abs(length_gap["random"]) < 0.3 and abs(length_gap["subject"]) < 0.4
     assert length_gap["hard"] > 1.5
+
+
+def test_subject_from_epoch_switches_the_third_text_to_the_subject(world, tok):
+    """subject_from_epoch=N: the third text is a random caption before epoch N and a same-subject one (on the
+    synthetic world, a caption naming the image's own background) from epoch N on; the fourth stays random."""
+    import synthetic
+
+    ds = data.build_dataset("pretrain", "train", world, tok, SMALL, seed=0, subject_from_epoch=2)
+
+    def same_background(epoch, slot):
+        ds.set_epoch(epoch)
+        same = named = 0
+        for e in range(5):
+            for i in range(len(ds)):
+                texts, _ = ds.choose_texts(i, random.Random(f"{e}/{i}"))
+                own = [w for w in synthetic.SYNTH_BACKGROUNDS if f"{w} background" in texts[0].lower()]
+                if own:
+                    named += 1
+                    same += f"{own[0]} background" in texts[slot].lower()
+        return same / named
+
+    assert same_background(0, 2) < 0.35 and same_background(1, 2) < 0.35 and ds.negatives_now() == "random"
+    assert same_background(2, 2) > 0.95 and same_background(5, 2) > 0.95 and ds.negatives_now() == "subject"
+    assert same_background(5, 3) < 0.35
+
+
+def test_mlm_prob_sets_the_share_of_masked_words(world, tok):
+    """--mlm_prob reaches the pre-training data: about that share of each matched text's words carry MLM labels."""
+    shares = {}
+    for prob in (0.15, 0.4):
+        ds = data.build_dataset("pretrain", "train", world, tok, SMALL, seed=0, mlm_prob=prob)
+        labelled = total = 0
+        for i in range(len(ds)):
+            for row in ds[i]["mlm_labels"][:2]:
+                labelled += sum(label != soho.IGNORE for label in row[1:-1])
+                total += len(row) - 2  # [CLS] and [SEP] are never masked
+        shares[prob] = labelled / total
+    assert 0.12 < shares[0.15] < 0.22 and 0.35 < shares[0.4] < 0.46
 
 
 def test_training_and_evaluation_sets_are_disjoint(world, tok):
