@@ -41,6 +41,7 @@ class SOHOConfig:
     resnet_width: int = 64  # channels of the first stage; torchvision's ResNets use 64
     backbone_bn: str = "frozen"  # "frozen": BatchNorm uses its stored statistics; "train": per-batch statistics
     zero_init_residual: bool = False  # a ResNet from scratch: each block starts as the identity (see ResNet)
+    average_downsample: bool = False  # shortcuts average 2x2 before their 1x1 conv ("ResNet-D"; see _downsample)
     # visual dictionary (Sec. 3.2)
     use_vd: bool = True  # False gives the "w/o VD" row of Table 7 (and no MVM)
     vd_size: int = 2048  # k, the number of entries; Table 7 finds 2048 best
@@ -364,13 +365,13 @@ def pretraining_objective(mlm, mvm, itm):
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, in_ch, ch, stride):
+    def __init__(self, in_ch, ch, stride, average_downsample=False):
         super().__init__()
         self.conv1 = nn.Conv2d(in_ch, ch, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(ch)
         self.conv2 = nn.Conv2d(ch, ch, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(ch)
-        self.downsample = _downsample(in_ch, ch, stride)
+        self.downsample = _downsample(in_ch, ch, stride, average_downsample)
 
     def forward(self, x):
         # In place, as torchvision: ReLU and the residual sum overwrite tensors nobody else holds (BatchNorm's
@@ -386,7 +387,7 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
     expansion = 4  # torchvision's "ResNet v1.5": the stride sits in the 3x3 convolution
 
-    def __init__(self, in_ch, ch, stride):
+    def __init__(self, in_ch, ch, stride, average_downsample=False):
         super().__init__()
         self.conv1 = nn.Conv2d(in_ch, ch, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(ch)
@@ -394,7 +395,7 @@ class Bottleneck(nn.Module):
         self.bn2 = nn.BatchNorm2d(ch)
         self.conv3 = nn.Conv2d(ch, ch * 4, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(ch * 4)
-        self.downsample = _downsample(in_ch, ch * 4, stride)
+        self.downsample = _downsample(in_ch, ch * 4, stride, average_downsample)
 
     def forward(self, x):
         # in place, as torchvision (see BasicBlock.forward)
@@ -405,9 +406,20 @@ class Bottleneck(nn.Module):
         return F.relu(out, inplace=True)
 
 
-def _downsample(in_ch, out_ch, stride):
+def _downsample(in_ch, out_ch, stride, average=False):
+    """The shortcut of a block that changes resolution or width: torchvision's strided 1x1 conv + BatchNorm, or,
+    with average=True, a 2x2 average first and an unstrided 1x1 conv ("ResNet-D", He et al. 2019, Bag of Tricks).
+
+    A strided 1x1 conv reads one pixel in four and drops the rest. Three of them (layer2-4) make the shortcut path
+    of a stride-32 feature read a single stride-4 position of its 32x32 pixels; a block whose residual branch
+    starts at zero (zero_init_residual) is that shortcut alone, so a random ResNet sees a small shape only if it
+    happens to cover that position. Averaging passes all of them on. Not torchvision's layout: ImageNet weights
+    do not load into it (the tiny preset, from scratch, uses it)."""
     if stride == 1 and in_ch == out_ch:
         return None
+    if average and stride > 1:
+        return nn.Sequential(nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False),
+                             nn.Conv2d(in_ch, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch))
     return nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch))
 
 
@@ -423,14 +435,15 @@ RESNET_LAYOUT = {  # depth -> (block, blocks per stage)
 class ResNet(nn.Module):
     """torchvision's ResNet trunk (conv1 ... layer4, no avgpool/fc); forward returns layer4, stride 32."""
 
-    def __init__(self, depth=101, width=64, bn="frozen", gradient_checkpointing=False, zero_init_residual=False):
+    def __init__(self, depth=101, width=64, bn="frozen", gradient_checkpointing=False, zero_init_residual=False,
+                 average_downsample=False):
         super().__init__()
         if depth not in RESNET_LAYOUT:
             raise ValueError(f"resnet_depth must be one of {sorted(RESNET_LAYOUT)}, got {depth}")
         if bn not in ("frozen", "train"):
             raise ValueError(f"backbone_bn must be 'frozen' or 'train', got {bn!r}")
         block, counts = RESNET_LAYOUT[depth]
-        self.frozen_bn = bn == "frozen"
+        self.frozen_bn, self.average_downsample = bn == "frozen", average_downsample
         self.gradient_checkpointing = gradient_checkpointing
         self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
@@ -439,7 +452,7 @@ class ResNet(nn.Module):
             ch, stride = width * 2**i, (1 if i == 0 else 2)
             blocks = []
             for b in range(n):
-                blocks.append(block(in_ch, ch, stride if b == 0 else 1))
+                blocks.append(block(in_ch, ch, stride if b == 0 else 1, average_downsample))
                 in_ch = ch * block.expansion
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         self.out_channels = in_ch
@@ -678,7 +691,7 @@ class SOHO(nn.Module):
             raise ValueError(f"hidden_size {H} must divide by num_heads {cfg.num_heads} and by 4 (2-D sine)")
         # Eq. 1: the visual encoder E = ResNet + 1x1 conv (+ the 2x2 max pooling in `encode`)
         self.backbone = ResNet(cfg.resnet_depth, cfg.resnet_width, cfg.backbone_bn, cfg.gradient_checkpointing,
-                               cfg.zero_init_residual)
+                               cfg.zero_init_residual, cfg.average_downsample)
         self.projection = nn.Conv2d(self.backbone.out_channels, H, kernel_size=1)
         # Sec. 3.2: the visual dictionary (a buffer inside; nothing here is trained by gradient)
         self.visual_dictionary = (VisualDictionary(cfg.vd_size, H, cfg.vd_gamma, cfg.vd_init, cfg.vd_restart_after)
@@ -994,6 +1007,9 @@ def read_bert_weights(directory, num_layers):
 
 def load_resnet_weights(backbone, path):
     """A torchvision ImageNet state dict (resnet101-*.pth) into our ResNet; its fc.* classifier is dropped."""
+    if backbone.average_downsample:
+        raise ValueError(f"{path}: torchvision's ResNets have strided 1x1 shortcuts, and this one averages in its "
+                         "shortcuts (average_downsample=True, the tiny preset's): set --average_downsample=false")
     state = {k: v for k, v in _load_tensor_file(path).items() if not k.startswith("fc.")}
     load_exactly(backbone, state, f"ResNet weights in {path}", require_all=True)
 

@@ -16,10 +16,15 @@ Each line answers one suspected cause with a number, on held-out data:
 5. the VD: entries in use on held-out images, against the 30 colour-shape kinds of the world.
 6. what ITM reads: held-out mismatched captions split by whether they name the image's own background (every
    synthetic caption names one): a model that sees only the scene catches none of the same-background ones.
+7. per-cell colour probe: can a linear probe read which colours lie in a token's own 64x64 cell, from the
+   features and from the tokens that enter the transformer (balanced accuracy, chance 0.5)?
+8. scale: the norm of the visual features against that of the 2-D sine position added to them before the
+   LayerNorm: a token whose position is far larger than its content tells the transformer little of the image.
 With --init the same model is measured at its initialisation (same seed and config), to tell what training did.
 """
 
 import argparse
+import math
 import os
 import random
 import sys
@@ -32,6 +37,7 @@ import data  # noqa: E402
 import soho  # noqa: E402
 import synthetic  # noqa: E402
 import train  # noqa: E402
+from soho import sine_position_embedding_2d  # noqa: E402
 from synthetic import SYNTH_COLORS, SYNTH_SHAPES  # noqa: E402
 
 
@@ -85,6 +91,70 @@ def colour_probe(model, cfg, n_train=600, n_test=300):
     majority = torch.maximum(y_test.mean(0), 1 - y_test.mean(0)).mean().item()
     return {k: linear_probe(torch.cat(v["train"]), y_train, torch.cat(v["test"]), y_test) for k, v in feats.items()}, \
         majority
+
+
+def cell_colours(scene, r, c, cell=64):
+    """[6] 0/1: which colours have a shape reaching into grid cell (r, c) (its centre within 0.6 radii of it)."""
+    x0, y0 = cell * c, cell * r
+    hit = set()
+    for t in scene.things:
+        dx, dy = max(x0 - t.x, 0, t.x - (x0 + cell - 1)), max(y0 - t.y, 0, t.y - (y0 + cell - 1))
+        if math.hypot(dx, dy) < 0.6 * t.r:
+            hit.add(t.color)
+    return [float(k in hit) for k in sorted(SYNTH_COLORS)]
+
+
+def balanced_probe(x_train, y_train, x_test, y_test, steps=300):
+    """A logistic-regression probe per binary label (classes weighted equally); its balanced accuracy (the mean
+    of the true-positive and true-negative rates, chance 0.5), averaged over labels."""
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    w = torch.zeros(x_train.shape[1], y_train.shape[1], requires_grad=True)
+    b = torch.zeros(y_train.shape[1], requires_grad=True)
+    pos_weight = (1 - y_train.mean(0)) / y_train.mean(0).clamp(min=1e-3)
+    opt = torch.optim.Adam([w, b], lr=0.05)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.binary_cross_entropy_with_logits(x_train @ w + b, y_train, pos_weight=pos_weight).backward()
+        opt.step()
+    with torch.no_grad():
+        pred = (x_test @ w + b) > 0
+        tpr = (pred & (y_test == 1)).sum(0) / y_test.sum(0).clamp(min=1)
+        tnr = (~pred & (y_test == 0)).sum(0) / (1 - y_test).sum(0).clamp(min=1)
+        return ((tpr + tnr) / 2).mean().item()
+
+
+@torch.no_grad()
+def cell_colour_probe(model, cfg, n_train=400, n_test=200):
+    """Per token: can a linear probe read which colours lie in its own 64x64 cell, from the features (Eq. 1) and
+    from the tokens that enter the transformer? Balanced accuracy, chance 0.5."""
+    parts = {}
+    for part, n in (("train", n_train), ("test", n_test)):
+        sc, feats, labels = scenes(n, f"cells/{part}"), {"features": [], "tokens": []}, []
+        for start in range(0, n, 50):
+            batch = sc[start:start + 50]
+            images, mask = synthetic.scene_batch(batch, cfg.image_short, cfg.image_long)
+            V, valid, (gh, gw) = model.encode(images, mask)
+            tokens, _ = model.pretrain_visual_tokens(images, mask)
+            feats["features"].append(V[valid])
+            feats["tokens"].append(tokens[valid])
+            labels += [cell_colours(s, i // gw, i % gw) for b, s in enumerate(batch) for i in range(gh * gw)
+                       if valid[b, i]]
+        parts[part] = ({k: torch.cat(v) for k, v in feats.items()}, torch.tensor(labels))
+    (x_train, y_train), (x_test, y_test) = parts["train"], parts["test"]
+    with torch.enable_grad():
+        return {k: balanced_probe(x_train[k], y_train, x_test[k], y_test) for k in x_train}
+
+
+@torch.no_grad()
+def visual_scale(model, batch):
+    """Norms per visual token before the LayerNorm of embed_visual: the features (Eq. 1), their image-specific
+    part (less the mean over all tokens of the batch), and the 2-D sine position added to them."""
+    V, valid, grid = model.encode(batch["images"], batch["image_mask"])
+    v = V[valid]
+    pos = sine_position_embedding_2d(*grid, v.shape[1])
+    return {"features": v.norm(dim=1).mean().item(), "image-specific": (v - v.mean(0)).norm(dim=1).mean().item(),
+            "position": pos.norm(dim=1).mean().item()}
 
 
 def heldout_batch(ckpt, cfg, n_images=32):
@@ -198,6 +268,11 @@ def main():
     split = mismatches_by_background(model, ckpt, cfg)
     print("6. held-out mismatched captions caught: " + ", ".join(f"naming {k.split()[0]} background {a:.3f} "
                                                                f"({n} captions)" for k, (a, n) in split.items()))
+    cells = cell_colour_probe(model, cfg)
+    print("7. per-cell colour probe (which colours lie in a token's own cell; balanced accuracy, chance 0.5): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in cells.items()))
+    scale = visual_scale(model, batch)
+    print("8. visual token norms before the LayerNorm: " + ", ".join(f"{k} {v:.2f}" for k, v in scale.items()))
 
 
 if __name__ == "__main__":

@@ -421,6 +421,26 @@ def test_backbone_keys_equal_torchvision(depth):
     assert sorted(backbone.state_dict()) == sorted(torchvision_resnet_keys(depth))
 
 
+@torch.no_grad()
+def test_average_downsample_sees_a_small_shape_anywhere_in_its_cell():
+    """At initialisation (zero_init_residual: every block is its shortcut), a strided 1x1 shortcut reads one
+    stride-4 position per 32x32 pixels, so a small square away from it leaves the stride-32 feature exactly as it
+    was; averaging shortcuts ("ResNet-D") pass it on wherever it lies."""
+    changed = {}
+    for average in (False, True):
+        torch.manual_seed(0)
+        net = soho.ResNet(18, width=16, bn="frozen", zero_init_residual=True, average_downsample=average).eval()
+        blank = torch.zeros(1, 3, 64, 64)
+        base = net(blank)  # [1, 128, 2, 2]
+        changed[average] = []
+        for offset in (0, 8, 16, 24):
+            img = blank.clone()
+            img[:, :, offset:offset + 6, offset:offset + 6] = 3.0  # a 6x6 square inside the first 32x32 cell
+            changed[average].append(bool((net(img)[..., 0, 0] - base[..., 0, 0]).abs().max() > 1e-4))
+    assert changed[True] == [True] * 4
+    assert not all(changed[False]), "the strided shortcut should be blind somewhere in its cell"
+
+
 def test_resnet_loads_from_a_torchvision_file_and_rejects_a_wrong_one(tmp_path):
     source = soho.ResNet(18, width=16)
     state = {k: torch.randn_like(v.float()).to(v.dtype) for k, v in source.state_dict().items()}
