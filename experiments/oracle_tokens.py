@@ -2,7 +2,8 @@
 Is the transformer the bottleneck? Pre-training's ITM on perfect visual tokens (README, "Does the model look at
 the image?").
 
-    python experiments/oracle_tokens.py [--steps 1515] [--num_layers 2] [--lr 1e-3] [--itm_weight 1] [--seed 0]
+    python experiments/oracle_tokens.py [--steps 1515] [--num_layers 2] [--lr 1e-3] [--itm_weight 1]
+                                        [--mlm_prob 0.15] [--same_background] [--seed 0]
 
 The synthetic world's scenes are known exactly, so the ResNet and the VD can be replaced by perfect tokens: each
 64x64 cell of a scene becomes a learned embedding of its background plus, for every shape reaching into the cell,
@@ -65,12 +66,16 @@ class OracleTokens(nn.Module):
         return features, valid, (gh, gw)
 
 
-def batch_of(scenes, captions, tok, rng, mlm_prob):
-    """Rows 4i..4i+3: scene i's 2 captions, then captions of 2 random other scenes of the batch (as data.py)."""
+def batch_of(scenes, captions, tok, rng, mlm_prob, same_background=False):
+    """Rows 4i..4i+3: scene i's 2 captions, then captions of 2 random other scenes of the batch (as data.py);
+    with same_background, the third comes from another scene with scene i's background where the batch has one
+    (as --itm_negatives=subject)."""
     texts, labels, kinds = [], [], []
     for i, s in enumerate(scenes):
         others = [j for j in range(len(scenes)) if j != i]
-        picks = rng.sample(captions[i], 2) + [rng.choice(captions[rng.choice(others)]) for _ in range(2)]
+        alike = [j for j in others if scenes[j].background == s.background] if same_background else []
+        third = rng.choice(alike or others)
+        picks = rng.sample(captions[i], 2) + [rng.choice(captions[third]), rng.choice(captions[rng.choice(others)])]
         for k, text in enumerate(picks):
             texts.append(text)
             labels.append(int(k < 2))
@@ -118,6 +123,8 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--itm_weight", type=float, default=1.0, help="the ITM term's weight in Eq. 9 (the paper: 1)")
     p.add_argument("--mlm_prob", type=float, default=0.15)
+    p.add_argument("--same_background", action="store_true", help="train with the third text from a scene with "
+                   "the same background (as --itm_negatives=subject); held-out scoring stays random")
     p.add_argument("--eval_every", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocab", default=os.path.join(synthetic.default_data_root(), "vocab.txt"))
@@ -134,12 +141,12 @@ def main(argv=None):
     rng = random.Random(f"oracle/train/{args.seed}")
     held_out = fresh(random.Random("oracle/held-out"), 256)
     print(f"oracle tokens | {args.num_layers} layers | lr {args.lr} | itm weight {args.itm_weight} | "
-          f"mlm_prob {args.mlm_prob} | seed {args.seed}")
+          f"mlm_prob {args.mlm_prob} | same-background negatives {args.same_background} | seed {args.seed}")
     for step in range(1, args.steps + 1):
         for group in opt.param_groups:  # the tiny recipe's warm-up: 50 steps from 1/3 of the rate
             group["lr"] = args.lr * min(1.0, 1 / 3 + (2 / 3) * step / 50)
         scenes, captions = fresh(rng, 16)
-        ids, mask, mlm_labels, labels, _ = batch_of(scenes, captions, tok, rng, args.mlm_prob)
+        ids, mask, mlm_labels, labels, _ = batch_of(scenes, captions, tok, rng, args.mlm_prob, args.same_background)
         hidden, logits = forward(model, oracle, scenes, ids, mask, torch.arange(16).repeat_interleave(4))
         itm = F.cross_entropy(logits, labels)
         loss = args.itm_weight * itm

@@ -450,6 +450,8 @@ def test_resnet_loads_from_a_torchvision_file_and_rejects_a_wrong_one(tmp_path):
     model = SOHO.from_pretrained("tiny", resnet=str(path))
     for k, v in model.backbone.state_dict().items():
         assert torch.equal(v, state[k])
+    with pytest.raises(ValueError, match="average_downsample=false"):  # torchvision's layout has strided shortcuts
+        SOHO.from_pretrained("tiny", resnet=str(path), average_downsample=True)
     del state["layer4.1.conv2.weight"]
     state["layer4.1.conv9.weight"] = torch.randn(3)
     torch.save(state, path)

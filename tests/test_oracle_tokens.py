@@ -1,0 +1,34 @@
+"""experiments/oracle_tokens.py: the perfect visual tokens are what they claim to be, and a short run scores
+every kind of held-out text."""
+
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import oracle_tokens  # noqa: E402
+import synthetic  # noqa: E402
+
+
+def test_a_cell_holds_its_background_and_exactly_the_shapes_that_reach_it():
+    torch.manual_seed(0)
+    oracle = oracle_tokens.OracleTokens(8)
+    red_star = synthetic.Thing("star", "red", "small", x=20, y=20, r=18, rgb=(215, 45, 45))
+    scene = synthetic.Scene(width=320, height=256, background="teal", bg_rgb=(40, 130, 130), things=(red_star,))
+    features, valid, grid = oracle([scene])
+    assert grid == (4, 5) and valid.all()
+    teal = oracle.background.weight[oracle_tokens.BACKGROUNDS.index("teal")]
+    red = oracle.colour.weight[oracle_tokens.COLOURS.index("red")]
+    star = oracle.shape.weight[oracle_tokens.SHAPES.index("star")]
+    with torch.no_grad():
+        torch.testing.assert_close(features[0, 0], teal + red + star)  # the star's cell, (0, 0)
+        for i in range(1, 20):  # every other cell shows the background alone
+            torch.testing.assert_close(features[0, i], teal)
+
+
+def test_a_short_run_scores_matched_and_both_kinds_of_mismatch(world):
+    scores = oracle_tokens.main(["--steps", "3", "--eval_every", "3", "--vocab", os.path.join(world, "vocab.txt")])
+    assert set(scores) == {"matched", "other background", "same background"}
+    assert all(0.0 <= v <= 1.0 for v in scores.values())
