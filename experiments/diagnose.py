@@ -61,20 +61,28 @@ def stage_features(model, images, image_mask):
     return out
 
 
-def linear_probe(x_train, y_train, x_test, y_test, steps=300):
-    """Accuracy of a logistic-regression probe per binary label, averaged over labels: x [N, C], y [N, K]."""
+def linear_probe(x_train, y_train, x_test, y_test, steps=300, balanced=False):
+    """A logistic-regression probe per binary label: x [N, C], y [N, K]. Returns its accuracy averaged over labels,
+    or with balanced=True (classes weighted equally in training) its balanced accuracy, the mean of the true-positive
+    and true-negative rates (chance 0.5 however rare a label is)."""
     mean, std = x_train.mean(0), x_train.std(0) + 1e-6
     x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
     w = torch.zeros(x_train.shape[1], y_train.shape[1], requires_grad=True)
     b = torch.zeros(y_train.shape[1], requires_grad=True)
+    pos_weight = (1 - y_train.mean(0)) / y_train.mean(0).clamp(min=1e-3) if balanced else None
     opt = torch.optim.Adam([w, b], lr=0.05)
     for _ in range(steps):
         opt.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(x_train @ w + b, y_train) + 1e-3 * (w * w).sum()
-        loss.backward()
+        loss = F.binary_cross_entropy_with_logits(x_train @ w + b, y_train, pos_weight=pos_weight)
+        (loss + 1e-3 * (w * w).sum()).backward()
         opt.step()
     with torch.no_grad():
-        return (((x_test @ w + b) > 0).float() == y_test).float().mean().item()
+        pred = (x_test @ w + b) > 0
+        if not balanced:
+            return (pred.float() == y_test).float().mean().item()
+        tpr = (pred & (y_test == 1)).sum(0) / y_test.sum(0).clamp(min=1)
+        tnr = (~pred & (y_test == 0)).sum(0) / (1 - y_test).sum(0).clamp(min=1)
+        return ((tpr + tnr) / 2).mean().item()
 
 
 def colour_probe(model, cfg, n_train=600, n_test=300):
@@ -104,26 +112,6 @@ def cell_colours(scene, r, c, cell=64):
     return [float(k in hit) for k in sorted(SYNTH_COLORS)]
 
 
-def balanced_probe(x_train, y_train, x_test, y_test, steps=300):
-    """A logistic-regression probe per binary label (classes weighted equally); its balanced accuracy (the mean
-    of the true-positive and true-negative rates, chance 0.5), averaged over labels."""
-    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
-    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
-    w = torch.zeros(x_train.shape[1], y_train.shape[1], requires_grad=True)
-    b = torch.zeros(y_train.shape[1], requires_grad=True)
-    pos_weight = (1 - y_train.mean(0)) / y_train.mean(0).clamp(min=1e-3)
-    opt = torch.optim.Adam([w, b], lr=0.05)
-    for _ in range(steps):
-        opt.zero_grad()
-        F.binary_cross_entropy_with_logits(x_train @ w + b, y_train, pos_weight=pos_weight).backward()
-        opt.step()
-    with torch.no_grad():
-        pred = (x_test @ w + b) > 0
-        tpr = (pred & (y_test == 1)).sum(0) / y_test.sum(0).clamp(min=1)
-        tnr = (~pred & (y_test == 0)).sum(0) / (1 - y_test).sum(0).clamp(min=1)
-        return ((tpr + tnr) / 2).mean().item()
-
-
 @torch.no_grad()
 def cell_colour_probe(model, cfg, n_train=400, n_test=200):
     """Per token: can a linear probe read which colours lie in its own 64x64 cell, from the features (Eq. 1) and
@@ -143,7 +131,7 @@ def cell_colour_probe(model, cfg, n_train=400, n_test=200):
         parts[part] = ({k: torch.cat(v) for k, v in feats.items()}, torch.tensor(labels))
     (x_train, y_train), (x_test, y_test) = parts["train"], parts["test"]
     with torch.enable_grad():
-        return {k: balanced_probe(x_train[k], y_train, x_test[k], y_test) for k in x_train}
+        return {k: linear_probe(x_train[k], y_train, x_test[k], y_test, balanced=True) for k in x_train}
 
 
 @torch.no_grad()
