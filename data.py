@@ -840,6 +840,9 @@ class PretrainDataset(ImageTextDataset):
     captions win that contest, so a model that never sees the image catches 75% of them: they teach ITM to read
     the text.
 
+    subject_from_epoch=N (beyond the paper, -1: never) is a curriculum: the third text is a "subject" one from epoch
+    N on (0-based), whatever `negatives` says before.
+
     images: list of (path, [captions], picture key); equal keys mean the same photograph.
     """
 
@@ -890,12 +893,12 @@ class PretrainDataset(ImageTextDataset):
         own = self.captions_of(i)
         matched = rng.sample(own, 2) if len(own) >= 2 else [own[0], own[0]]
         random_source, random_text = self._random_caption(i, own, rng)
-        chosen = None
-        if self.negatives_now() == "subject":  # an image that is alone with its subject falls back to a random caption
+        chosen, negatives = None, self.negatives_now()
+        if negatives == "subject":  # an image that is alone with its subject falls back to a random caption
             group = self.same_subject[i]
             chosen = self._caption_of_another(i, own, rng, pool=group, tries=20 if len(group) > 1 else 0)
         hard_source, hard_text = chosen or self._random_caption(i, own, rng)
-        if self.negatives_now() == "hard":
+        if negatives == "hard":
             words = content_words(matched[0])
             best = len(words & content_words(hard_text))
             for _ in range(self.hard_pool - 1):

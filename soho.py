@@ -413,8 +413,9 @@ def _downsample(in_ch, out_ch, stride, average=False):
     A strided 1x1 conv reads one pixel in four and drops the rest. Three of them (layer2-4) make the shortcut path
     of a stride-32 feature read a single stride-4 position of its 32x32 pixels; a block whose residual branch
     starts at zero (zero_init_residual) is that shortcut alone, so a random ResNet sees a small shape only if it
-    happens to cover that position. Averaging passes all of them on. Not torchvision's layout: ImageNet weights
-    do not load into it (the tiny preset, from scratch, uses it)."""
+    happens to cover that position. Averaging passes all of them on. Not torchvision's layout, so ImageNet
+    weights do not load into it: an option for a ResNet trained from scratch, off in every preset (README,
+    "Where the objects are lost": it lets a random trunk see small shapes, and did not bring them to ITM)."""
     if stride == 1 and in_ch == out_ch:
         return None
     if average and stride > 1:
