@@ -3,7 +3,8 @@ Is the transformer the bottleneck? Pre-training's ITM on perfect visual tokens (
 the image?").
 
     python experiments/oracle_tokens.py [--steps 1515] [--num_layers 2] [--lr 1e-3] [--itm_weight 1]
-                                        [--mlm_prob 0.15] [--same_background] [--seed 0]
+                                        [--mlm_prob 0.15] [--same_background] [--itm_on_clean_text]
+                                        [--seed 0]
 
 The synthetic world's scenes are known exactly, so the ResNet and the VD can be replaced by perfect tokens: each
 64x64 cell of a scene becomes a learned embedding of its background plus, for every shape reaching into the cell,
@@ -87,7 +88,7 @@ def batch_of(scenes, captions, tok, rng, mlm_prob, same_background=False):
     masked, mlm_labels = data.mask_tokens(ids, mask, tok, mlm_prob, generator) if mlm_prob else (ids, None)
     if mlm_labels is not None:
         mlm_labels[torch.tensor(labels) == 0] = soho.IGNORE  # MLM on the matched pairs only
-    return masked, mask, mlm_labels, torch.tensor(labels), kinds
+    return masked, mask, mlm_labels, torch.tensor(labels), kinds, ids
 
 
 def forward(model, oracle, scenes, ids, mask, img_index):
@@ -108,7 +109,7 @@ def evaluate(model, oracle, tok, scenes, captions):
     rng, hits = random.Random("oracle/eval"), {}
     for start in range(0, len(scenes), 16):
         sc, caps = scenes[start:start + 16], captions[start:start + 16]
-        ids, mask, _, labels, kinds = batch_of(sc, caps, tok, rng, 0.0)
+        ids, mask, _, labels, kinds, _ = batch_of(sc, caps, tok, rng, 0.0)
         _, logits = forward(model, oracle, sc, ids, mask, torch.arange(len(sc)).repeat_interleave(4))
         for kind, ok in zip(kinds, (logits.argmax(-1) == labels).tolist()):
             hits.setdefault(kind, []).append(ok)
@@ -125,6 +126,8 @@ def main(argv=None):
     p.add_argument("--mlm_prob", type=float, default=0.15)
     p.add_argument("--same_background", action="store_true", help="train with the third text from a scene with "
                    "the same background (as --itm_negatives=subject); held-out scoring stays random")
+    p.add_argument("--itm_on_clean_text", action="store_true", help="score ITM in a second pass on unmasked texts "
+                   "(MLM keeps the masked pass) instead of on the masked texts of the one pass")
     p.add_argument("--eval_every", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocab", default=os.path.join(synthetic.default_data_root(), "vocab.txt"))
@@ -141,13 +144,17 @@ def main(argv=None):
     rng = random.Random(f"oracle/train/{args.seed}")
     held_out = fresh(random.Random("oracle/held-out"), 256)
     print(f"oracle tokens | {args.num_layers} layers | lr {args.lr} | itm weight {args.itm_weight} | "
-          f"mlm_prob {args.mlm_prob} | same-background negatives {args.same_background} | seed {args.seed}")
+          f"mlm_prob {args.mlm_prob} | same-background negatives {args.same_background} | "
+          f"ITM on clean texts {args.itm_on_clean_text} | seed {args.seed}")
     for step in range(1, args.steps + 1):
         for group in opt.param_groups:  # the tiny recipe's warm-up: 50 steps from 1/3 of the rate
             group["lr"] = args.lr * min(1.0, 1 / 3 + (2 / 3) * step / 50)
         scenes, captions = fresh(rng, 16)
-        ids, mask, mlm_labels, labels, _ = batch_of(scenes, captions, tok, rng, args.mlm_prob, args.same_background)
+        ids, mask, mlm_labels, labels, _, clean = batch_of(scenes, captions, tok, rng, args.mlm_prob,
+                                                            args.same_background)
         hidden, logits = forward(model, oracle, scenes, ids, mask, torch.arange(16).repeat_interleave(4))
+        if args.itm_on_clean_text:  # a second pass: ITM on the texts as they are, MLM on the masked ones
+            _, logits = forward(model, oracle, scenes, clean, mask, torch.arange(16).repeat_interleave(4))
         itm = F.cross_entropy(logits, labels)
         loss = args.itm_weight * itm
         if mlm_labels is not None:
