@@ -104,6 +104,14 @@ def render_scene(scene):
     return img
 
 
+def shapes_in_cell(scene, r, c, cell=64, reach=1.0):
+    """The shapes of a scene that reach into grid cell (r, c) of `cell` pixels: those whose centre lies within
+    reach x their radius of the cell's square (reach=1: the shape's disc touches the cell)."""
+    x0, y0 = cell * c, cell * r
+    return [t for t in scene.things
+            if math.hypot(max(x0 - t.x, 0, t.x - (x0 + cell - 1)), max(y0 - t.y, 0, t.y - (y0 + cell - 1))) < reach * t.r]
+
+
 def scene_batch(scenes, image_short, image_long):
     """Scenes drawn straight into a batch, resized and padded as data.py's datasets prepare images, without
     files: (images [n, 3, H, W], image_mask [n, H, W]). For probes on scenes no model has seen."""

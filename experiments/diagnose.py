@@ -24,7 +24,6 @@ With --init the same model is measured at its initialisation (same seed and conf
 """
 
 import argparse
-import math
 import os
 import random
 import sys
@@ -101,14 +100,9 @@ def colour_probe(model, cfg, n_train=600, n_test=300):
         majority
 
 
-def cell_colours(scene, r, c, cell=64):
+def cell_colours(scene, r, c):
     """[6] 0/1: which colours have a shape reaching into grid cell (r, c) (its centre within 0.6 radii of it)."""
-    x0, y0 = cell * c, cell * r
-    hit = set()
-    for t in scene.things:
-        dx, dy = max(x0 - t.x, 0, t.x - (x0 + cell - 1)), max(y0 - t.y, 0, t.y - (y0 + cell - 1))
-        if math.hypot(dx, dy) < 0.6 * t.r:
-            hit.add(t.color)
+    hit = {t.color for t in synthetic.shapes_in_cell(scene, r, c, reach=0.6)}
     return [float(k in hit) for k in sorted(SYNTH_COLORS)]
 
 

@@ -58,11 +58,8 @@ class OracleTokens(nn.Module):
                     i = r * gw + c
                     valid[b, i] = True
                     x = self.background.weight[BACKGROUNDS.index(s.background)]
-                    for t in s.things:
-                        dx = max(c * CELL - t.x, 0, t.x - (c * CELL + CELL - 1))
-                        dy = max(r * CELL - t.y, 0, t.y - (r * CELL + CELL - 1))
-                        if math.hypot(dx, dy) < t.r:  # the shape's disc reaches into the cell
-                            x = x + self.colour.weight[COLOURS.index(t.color)] + self.shape.weight[SHAPES.index(t.shape)]
+                    for t in synthetic.shapes_in_cell(s, r, c, CELL):  # each shape whose disc reaches the cell
+                        x = x + self.colour.weight[COLOURS.index(t.color)] + self.shape.weight[SHAPES.index(t.shape)]
                     features[b, i] = x
         return features, valid, (gh, gw)
 

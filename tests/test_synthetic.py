@@ -95,3 +95,12 @@ def test_cli_writes_a_world_once(tmp_path, capsys):
     assert "already holds a synthetic world (seed 0, 16 images)" in capsys.readouterr().out
     assert json.load(open(os.path.join(out, synthetic.SYNTH_MANIFEST))) == manifest
 
+
+
+def test_shapes_in_cell_finds_the_shapes_whose_disc_reaches_the_cell():
+    star = synthetic.Thing("star", "red", "small", x=70, y=20, r=10, rgb=(215, 45, 45))  # 6 px right of cell (0, 0)
+    scene = synthetic.Scene(width=256, height=256, background="teal", bg_rgb=(40, 130, 130), things=(star,))
+    assert synthetic.shapes_in_cell(scene, 0, 1) == [star]  # its own cell
+    assert synthetic.shapes_in_cell(scene, 0, 0) == [star]  # 7 px away, within its radius of 10
+    assert synthetic.shapes_in_cell(scene, 0, 0, reach=0.6) == []  # but not within 6 px
+    assert synthetic.shapes_in_cell(scene, 1, 1) == []
