@@ -831,9 +831,7 @@ class SOHO(nn.Module):
         # Eq. 6, MLM: predict the masked words (data.py masked matched texts only); decoder = word embeddings
         labels = batch["mlm_labels"]
         at = labels != IGNORE
-        logits = F.linear(self.mlm_transform(hidden[:, :T][at]), self.transformer.text_embed.word.weight,
-                          self.mlm_bias)
-        mlm = _loss_term(logits, labels[at])
+        mlm = _loss_term(self.mlm_logits(hidden[:, :T][at]), labels[at])
 
         # Eq. 7, MVM: predict the VD index of each masked visual token
         if cfg.use_vd:
@@ -848,6 +846,10 @@ class SOHO(nn.Module):
         itm = _loss_term(itm_logits, itm_label)
         return {"mlm": mlm, "mvm": mvm, "itm": itm, "vd_indices": None if h is None else h[valid],
                 "mvm_mask": mvm_mask, "itm_correct": itm_logits.detach().argmax(-1) == itm_label}
+
+    def mlm_logits(self, text_hidden):
+        """Eq. 6's word scores of text hidden states [N, H] -> [N, vocab]: the decoder is the word embeddings."""
+        return F.linear(self.mlm_transform(text_hidden), self.transformer.text_embed.word.weight, self.mlm_bias)
 
     def pretrain_visual_tokens(self, images, image_mask):
         """The visual tokens as pre-training feeds them to the transformer, with nothing masked: f(V) (Eq. 1-3),
@@ -1010,7 +1012,7 @@ def load_resnet_weights(backbone, path):
     """A torchvision ImageNet state dict (resnet101-*.pth) into our ResNet; its fc.* classifier is dropped."""
     if backbone.average_downsample:
         raise ValueError(f"{path}: torchvision's ResNets have strided 1x1 shortcuts, and this one averages in its "
-                         "shortcuts (average_downsample=True, the tiny preset's): set --average_downsample=false")
+                         "shortcuts (average_downsample=True): set --average_downsample=false")
     state = {k: v for k, v in _load_tensor_file(path).items() if not k.startswith("fc.")}
     load_exactly(backbone, state, f"ResNet weights in {path}", require_all=True)
 

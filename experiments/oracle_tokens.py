@@ -149,16 +149,15 @@ def main(argv=None):
         scenes, captions = fresh(rng, 16)
         ids, mask, mlm_labels, labels, _, clean = batch_of(scenes, captions, tok, rng, args.mlm_prob,
                                                             args.same_background)
-        hidden, logits = forward(model, oracle, scenes, ids, mask, torch.arange(16).repeat_interleave(4))
-        if args.itm_on_clean_text:  # a second pass: ITM on the texts as they are, MLM on the masked ones
-            _, logits = forward(model, oracle, scenes, clean, mask, torch.arange(16).repeat_interleave(4))
+        img_index = torch.arange(len(scenes)).repeat_interleave(4)  # texts 4i..4i+3 are scene i's
+        hidden, logits = forward(model, oracle, scenes, ids, mask, img_index)
+        if args.itm_on_clean_text and mlm_labels is not None:  # a second pass: ITM on the texts as they are
+            _, logits = forward(model, oracle, scenes, clean, mask, img_index)
         itm = F.cross_entropy(logits, labels)
         loss = args.itm_weight * itm
         if mlm_labels is not None:
             at = mlm_labels != soho.IGNORE
-            word_logits = F.linear(model.mlm_transform(hidden[:, :ids.shape[1]][at]),
-                                   model.transformer.text_embed.word.weight, model.mlm_bias)
-            loss = loss + F.cross_entropy(word_logits, mlm_labels[at])
+            loss = loss + F.cross_entropy(model.mlm_logits(hidden[:, :ids.shape[1]][at]), mlm_labels[at])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 10.0)
