@@ -352,9 +352,10 @@ class LossTerm(NamedTuple):
         return self.sum / self.count.clamp(min=1)
 
 
-def pretraining_objective(mlm, mvm, itm):
-    """Eq. 9, equal weights:  L = L_MLM + L_MVM + L_ITM.  Each argument is a scalar loss."""
-    return mlm + mvm + itm
+def pretraining_objective(mlm, mvm, itm, itm_weight=1.0):
+    """Eq. 9:  L = L_MLM + L_MVM + w * L_ITM, with w = 1 in the paper (equal weights). Each argument is a scalar
+    loss; itm_weight (w) is beyond the paper (the tiny recipe's, see train.py)."""
+    return mlm + mvm + itm_weight * itm
 
 
 # ----------------------------------------------------------------------------------------------------------------

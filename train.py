@@ -58,6 +58,7 @@ class TrainConfig:
     text_only: bool = False  # the control that cannot see: every image replaced by one constant image
     subject_from_epoch: int = -1  # from this epoch on (0-based; -1: never) the third text is a "subject" mismatch
     mlm_prob: float = 0.15  # pre-training: the share of each text's tokens that MLM masks (BERT's 15%)
+    itm_weight: float = 1.0  # pre-training: ITM's weight in Eq. 9 (the paper: 1, equal weights)
     # batch: `batch_per_gpu` examples per forward; gradient accumulation fills `global_batch` (examples per step)
     batch_per_gpu: int = 16
     global_batch: int = 16
@@ -110,7 +111,8 @@ PAPER_RECIPES = {
 # - the ResNet gets AdamW, not SGD at 1e-2 (a rate for fine-tuning ImageNet weights: a random ResNet moves 1% in
 #   300 steps), and is never frozen (the freeze protects ImageNet features while the VD starts; there are none);
 # - pre-training runs 15 epochs of 101 steps (16 images x 4 texts): ITM sits at chance (loss ln 2) for its first
-#   ~500-600 steps and only then learns to compare text with image; the rate drops x0.1 for the last 2 epochs;
+#   ~500-900 steps and only then learns to compare text with image; the rate drops x0.1 for the last 2 epochs.
+#   (A larger ITM weight in Eq. 9, --itm_weight, sometimes shortens that wait and sometimes not: measured, off);
 # - fine-tuning keeps the paper's shape (few epochs, rate dropped late) with smaller batches.
 TINY_BACKBONE = dict(backbone_optimizer="adamw", weight_decay_backbone=1e-2, freeze_backbone_epochs=0)
 TINY_RECIPES = {
@@ -268,7 +270,7 @@ def all_reduce_sum(t):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def pretraining_loss(out, world_size, itm_label):
+def pretraining_loss(out, world_size, itm_label, itm_weight=1.0):
     """Eq. 9 from the model's loss terms, each averaged over the targets of *all* ranks.
 
     Ranks hold different numbers of masked words and masked visual tokens. DDP averages gradients over ranks, so
@@ -290,7 +292,7 @@ def pretraining_loss(out, world_size, itm_label):
     for i, n in enumerate(names):
         stats[n], stats[n + "_acc"] = totals[i, :2], totals[i, [2, 1]]
     stats["itm_matched_acc"], stats["itm_mismatched_acc"] = totals[3, :2], totals[4, :2]
-    return soho.pretraining_objective(*means), stats
+    return soho.pretraining_objective(*means, itm_weight=itm_weight), stats
 
 
 def reduce_stats(local):
@@ -620,7 +622,7 @@ def optimizer_step(net, model, batches, optimizers, scaler, cfg, ctx, step):
         sync = micro == accum - 1 or not isinstance(net, DDP)
         with (contextlib.nullcontext() if sync else net.no_sync()), autocast_context(ctx.device, ctx.amp):
             out = net(cfg.task, batch)
-            loss, stats = task_loss(cfg.task, out, batch, ctx.world_size)
+            loss, stats = task_loss(cfg.task, out, batch, ctx.world_size, cfg.itm_weight)
             check_finite(stats, step, cfg.task)
             scaler.scale(loss / accum).backward()  # the mean over micro-steps
         for name, s in stats.items():
@@ -649,11 +651,11 @@ def next_batch(batches):
     return batch
 
 
-def task_loss(task, out, batch, world_size):
+def task_loss(task, out, batch, world_size, itm_weight=1.0):
     """(loss, {name: [sum, count]} over all ranks) of a forward's output: Eq. 9 for pre-training, Sec. 4.2's
     losses for the downstream tasks."""
     if task == "pretrain":
-        return pretraining_loss(out, world_size, batch["itm_label"])
+        return pretraining_loss(out, world_size, batch["itm_label"], itm_weight)
     loss, stats = downstream_loss(task, out, batch)
     return loss, reduce_stats(stats)
 
@@ -835,6 +837,7 @@ class TrainingLog:
 
     def __init__(self, cfg, model_cfg, ctx, total_steps, initial_step, fresh):
         self.task, self.master_process, self.started = cfg.task, ctx.master_process, time.time()
+        self.itm_weight = cfg.itm_weight
         self.vd_health = VDHealth(model_cfg.vd_size) if model_cfg.use_vd and cfg.task == "pretrain" else None
         self.window = defaultdict(lambda: torch.zeros(2, dtype=torch.float64))
         self.last, self.wait_time, self.compute_time = {}, 0.0, 0.0
@@ -860,7 +863,7 @@ class TrainingLog:
         for name, (s, c) in self.window.items():
             m[name] = (s / max(c, 1)).item()
         if self.task == "pretrain":
-            m["loss"] = sum(m.get(k, 0.0) for k in ("mlm", "mvm", "itm"))
+            m["loss"] = m.get("mlm", 0.0) + m.get("mvm", 0.0) + self.itm_weight * m.get("itm", 0.0)  # Eq. 9
         if self.vd_health:
             m.update(self.vd_health.summary())
         m["lr"] = optimizers[1].param_groups[0]["lr"]

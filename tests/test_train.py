@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import data
 import ddp_pretrain_worker as worker
 import soho
 import synthetic
@@ -49,6 +50,23 @@ def test_paper_recipe_defaults():
         (1e-4, 1e-2, 1e-2, 5e-4, 0.9)
     cfg, _, _ = train.parse_args(["--preset", "r101", "--task", "snli-ve"])
     assert (cfg.global_batch, cfg.epochs, cfg.lr_milestones) == (128, 6, (4,))
+
+
+def test_itm_weight_scales_the_itm_term_of_eq9_alone():
+    """--itm_weight=w: the ITM head's gradient is w times the paper's (w = 1), the MLM decoder's is unchanged."""
+    cfg = soho.PRESETS["tiny"]
+    batch = data.random_batch("pretrain", cfg, 2, image_size=(128, 128), text_len=8)
+    grads = {}
+    for w in (1.0, 5.0):
+        torch.manual_seed(0)
+        model = soho.SOHO(cfg).train()
+        out = model.pretrain_losses(batch, torch.Generator().manual_seed(0))
+        loss, _ = train.pretraining_loss(out, 1, batch["itm_label"], itm_weight=w)
+        loss.backward()
+        grads[w] = (model.itm_head.weight.grad.clone(), model.mlm_bias.grad.clone())
+    torch.testing.assert_close(grads[5.0][0], 5 * grads[1.0][0])
+    torch.testing.assert_close(grads[5.0][1], grads[1.0][1])
+    assert grads[1.0][0].abs().sum() > 0
 
 
 def test_lr_schedule_warms_up_then_steps_down():
