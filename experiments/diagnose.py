@@ -12,7 +12,8 @@ Each line answers one suspected cause with a number, on held-out data:
 2. token spread: the share of the visual tokens' energy that differs between images (the rest is one vector shared
    by every image), beside the same share for the text tokens.
 3. attention: the share of [CLS]'s attention that goes to visual tokens, per layer, on held-out pairs.
-4. gradients: the norm of the ITM loss's gradient at the ResNet, the projection and the transformer.
+4. gradients: the norm of each loss term's gradient (MLM, MVM, ITM) at the ResNet, the projection and the
+   transformer: a term whose gradient is far smaller than the others' gets a small share of AdamW's steps.
 5. the VD: entries in use on held-out images, against the 30 colour-shape kinds of the world.
 6. what ITM reads: held-out mismatched captions split by whether they name the image's own background (every
    synthetic caption names one): a model that sees only the scene catches none of the same-background ones.
@@ -139,10 +140,12 @@ def visual_scale(model, batch):
             "position": pos.norm(dim=1).mean().item()}
 
 
-def heldout_batch(ckpt, cfg, n_images=32):
+def heldout_batch(ckpt, cfg, n_images=32, split="val"):
+    """The first n_images of a pre-training split with their 4 texts: val (held out) for the measurements; train
+    for the gradients of item 4, which need MLM's masked words (the val split masks none)."""
     root = ckpt["data_root"]
     tok = data.Tokenizer.from_vocab(ckpt["vocab_path"], cfg.max_text_len)
-    ds = data.build_dataset("pretrain", "val", root, tok, cfg, seed=0)
+    ds = data.build_dataset("pretrain", split, root, tok, cfg, seed=0)
     return ds.collate([ds[i] for i in range(n_images)])
 
 
@@ -174,14 +177,17 @@ def token_spread(model, batch):
     return share(vis), share(txt)
 
 
-def itm_gradients(model, batch):
-    model.zero_grad(set_to_none=True)
-    out = model.pretrain_losses(batch)
-    out["itm"].mean.backward()
-    norm = lambda mod: torch.sqrt(sum((p.grad ** 2).sum() for p in mod.parameters() if p.grad is not None)).item()
-    result = {"resnet": norm(model.backbone), "projection": norm(model.projection),
-              "transformer": norm(model.transformer)}
-    model.zero_grad(set_to_none=True)
+def term_gradients(model, batch):
+    """{term: {part: norm}}: the norm of each pre-training term's gradient (MLM, MVM, ITM, each its mean over its
+    targets, as Eq. 9 sums them) at the ResNet, the projection and the transformer, on one batch."""
+    out = model.pretrain_losses(batch, torch.Generator().manual_seed(0))
+    parts = {"resnet": model.backbone, "projection": model.projection, "transformer": model.transformer}
+    result = {}
+    for term in ("mlm", "mvm", "itm") if model.config.use_vd else ("mlm", "itm"):  # no VD: no MVM
+        params = [p for mod in parts.values() for p in mod.parameters()]
+        grads = dict(zip(params, torch.autograd.grad(out[term].mean, params, retain_graph=True, allow_unused=True)))
+        result[term] = {name: torch.sqrt(sum((grads[p] ** 2).sum() for p in mod.parameters()
+                                             if grads[p] is not None)).item() for name, mod in parts.items()}
     if model.visual_dictionary is not None:
         model.visual_dictionary.discard_pending()
     return result
@@ -236,8 +242,10 @@ def main():
     print("3. [CLS] attention on visual tokens, per layer: " + ", ".join(f"{s:.3f}" for s in shares)
           + f" (uniform attention would give about {n_vis / (n_vis + batch['text_mask'].sum(1).float().mean()):.2f})")
     model.train()
-    grads = itm_gradients(model, batch)
-    print("4. ITM gradient norms: " + ", ".join(f"{k} {v:.2e}" for k, v in grads.items()))
+    grads = term_gradients(model, heldout_batch(ckpt, cfg, 16, split="train"))
+    print("4. gradient norms of each term of Eq. 9 (AdamW scales a shared weight's step by all of them together):")
+    for term, norms in grads.items():
+        print(f"     {term.upper():4s} " + ", ".join(f"{k} {v:.2e}" for k, v in norms.items()))
     model.eval()
     if cfg.use_vd:
         with torch.no_grad():
