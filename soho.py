@@ -354,7 +354,7 @@ class LossTerm(NamedTuple):
 
 def pretraining_objective(mlm, mvm, itm, itm_weight=1.0):
     """Eq. 9:  L = L_MLM + L_MVM + w * L_ITM, with w = 1 in the paper (equal weights). Each argument is a scalar
-    loss; itm_weight (w) is beyond the paper (the tiny recipe's, see train.py)."""
+    loss; itm_weight (w, train.py's --itm_weight) is beyond the paper and 1 in every recipe."""
     return mlm + mvm + itm_weight * itm
 
 

@@ -863,7 +863,8 @@ class TrainingLog:
         for name, (s, c) in self.window.items():
             m[name] = (s / max(c, 1)).item()
         if self.task == "pretrain":
-            m["loss"] = m.get("mlm", 0.0) + m.get("mvm", 0.0) + self.itm_weight * m.get("itm", 0.0)  # Eq. 9
+            m["loss"] = soho.pretraining_objective(m.get("mlm", 0.0), m.get("mvm", 0.0), m.get("itm", 0.0),
+                                                   self.itm_weight)  # Eq. 9, as minimised
         if self.vd_health:
             m.update(self.vd_health.summary())
         m["lr"] = optimizers[1].param_groups[0]["lr"]

@@ -140,7 +140,7 @@ def visual_scale(model, batch):
             "position": pos.norm(dim=1).mean().item()}
 
 
-def heldout_batch(ckpt, cfg, n_images=32, split="val"):
+def split_batch(ckpt, cfg, n_images=32, split="val"):
     """The first n_images of a pre-training split with their 4 texts: val (held out) for the measurements; train
     for the gradients of item 4, which need MLM's masked words (the val split masks none)."""
     root = ckpt["data_root"]
@@ -182,9 +182,8 @@ def term_gradients(model, batch):
     targets, as Eq. 9 sums them) at the ResNet, the projection and the transformer, on one batch."""
     out = model.pretrain_losses(batch, torch.Generator().manual_seed(0))
     parts = {"resnet": model.backbone, "projection": model.projection, "transformer": model.transformer}
-    result = {}
+    params, result = [p for mod in parts.values() for p in mod.parameters()], {}
     for term in ("mlm", "mvm", "itm") if model.config.use_vd else ("mlm", "itm"):  # no VD: no MVM
-        params = [p for mod in parts.values() for p in mod.parameters()]
         grads = dict(zip(params, torch.autograd.grad(out[term].mean, params, retain_graph=True, allow_unused=True)))
         result[term] = {name: torch.sqrt(sum((grads[p] ** 2).sum() for p in mod.parameters()
                                              if grads[p] is not None)).item() for name, mod in parts.items()}
@@ -228,7 +227,7 @@ def main():
         torch.manual_seed(ckpt["train_config"]["seed"])
         model = soho.SOHO(cfg).eval()
     torch.manual_seed(0)
-    batch = heldout_batch(ckpt, cfg)
+    batch = split_batch(ckpt, cfg)  # held out
     print(f"{args.checkpoint}{' (at initialisation)' if args.init else ''}")
     probes, majority = colour_probe(model, cfg)
     print(f"1. colour probe (has colour c, 6 colours; majority rate {majority:.3f}):")
@@ -242,7 +241,7 @@ def main():
     print("3. [CLS] attention on visual tokens, per layer: " + ", ".join(f"{s:.3f}" for s in shares)
           + f" (uniform attention would give about {n_vis / (n_vis + batch['text_mask'].sum(1).float().mean()):.2f})")
     model.train()
-    grads = term_gradients(model, heldout_batch(ckpt, cfg, 16, split="train"))
+    grads = term_gradients(model, split_batch(ckpt, cfg, 16, split="train"))
     print("4. gradient norms of each term of Eq. 9 (AdamW scales a shared weight's step by all of them together):")
     for term, norms in grads.items():
         print(f"     {term.upper():4s} " + ", ".join(f"{k} {v:.2e}" for k, v in norms.items()))
