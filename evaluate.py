@@ -661,7 +661,7 @@ def time_inference_stages(model, images, image_mask, encoded, ids, device, amp, 
         tokens = vd_embed(vq_lookup(V.reshape(-1, V.shape[-1]), dictionary), dictionary).view_as(V) \
             if dictionary is not None else V
         hidden = model.fuse(ids, text_mask, model.embed_visual(tokens, grid), valid)
-        return model.itm_head(model.transformer.pool(hidden))
+        return model.itm_head(model.transformer.pool(hidden, text_mask))
 
     stages = {"cnn": run(lambda: model.encode(images, image_mask)),
               "transformer": run(lambda: model.fuse(ids, text_mask, model.embed_visual(V, grid), valid)),

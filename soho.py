@@ -50,6 +50,8 @@ class SOHOConfig:
     # Beyond the paper: dead entries (entries no feature ever picks; see the README, "Differences")
     vd_init: str = "random"  # "random": N(0, 1), as the paper; "features": k-means on the first step's features
     vd_restart_after: int = 0  # re-seed an entry from a current feature after this many updates unused (0: never)
+    # Beyond the paper: what the pooler reads (see CrossModalTransformer.pool and the README, "Differences")
+    pool_text_mean: bool = False  # False: [CLS] alone, as the paper; True: [CLS] + the mean of the text's states
     # cross-modal transformer: BERT-base by default
     hidden_size: int = 768  # c: visual tokens and word embeddings share this width (Sec. 3.3)
     num_layers: int = 12
@@ -82,10 +84,13 @@ PRESETS = {
     # pre-trained on ImageNet, so the ResNet trains its BatchNorm statistics and starts each block as the identity
     # (zero_init_residual), and the VD starts from the first step's features (vd_init="features"): the paper's
     # N(0, 1) start leaves all but 8 of 128 entries dead here (README, "Differences"). No dropout: in a few
-    # minutes of training from scratch it only slows learning (held-out ITM 0.87 with 0.1, 0.91 without).
+    # minutes of training from scratch it only slows learning (held-out ITM 0.87 with 0.1, 0.91 without). The
+    # pooler also reads the mean of the text's states (pool_text_mean): with [CLS] alone, ITM waited at chance for
+    # 500 to over 1,500 steps depending on the seed, with the mean it left chance by step ~600 on every seed we ran
+    # (README, "Does the model look at the image?").
     "tiny": SOHOConfig(
         resnet_depth=18, resnet_width=16, backbone_bn="train", zero_init_residual=True, vd_size=128,
-        vd_init="features", dropout=0.0,
+        vd_init="features", dropout=0.0, pool_text_mean=True,
         hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512, vocab_size=1000,
         max_position_embeddings=64, max_text_len=24, num_answers=100, image_short=256, image_long=384,
     ),
@@ -354,7 +359,7 @@ class LossTerm(NamedTuple):
 
 def pretraining_objective(mlm, mvm, itm, itm_weight=1.0):
     """Eq. 9:  L = L_MLM + L_MVM + w * L_ITM, with w = 1 in the paper (equal weights). Each argument is a scalar
-    loss; itm_weight (w, train.py's --itm_weight) is beyond the paper and 1 in every recipe."""
+    loss; itm_weight (w, train.py's --itm_weight) is beyond the paper: 1 in the paper's recipes, 5 in the tiny one."""
     return mlm + mvm + itm_weight * itm
 
 
@@ -640,6 +645,7 @@ class CrossModalTransformer(nn.Module):
         self.text_embed = TextEmbedding(cfg)
         self.layers = nn.ModuleList(TransformerLayer(cfg) for _ in range(cfg.num_layers))
         self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size)  # BERT's pooler: tanh(W h_[CLS])
+        self.pool_text_mean = cfg.pool_text_mean
         self.gradient_checkpointing = cfg.gradient_checkpointing
 
     def forward(self, input_ids, text_mask, visual=None, visual_mask=None):
@@ -654,8 +660,18 @@ class CrossModalTransformer(nn.Module):
                 x = layer(x, attend)
         return x
 
-    def pool(self, hidden):
-        return torch.tanh(self.pooler(hidden[:, 0]))  # [B, H]
+    def pool(self, hidden, text_mask):
+        """tanh(W h_[CLS]) (BERT's pooler), or with pool_text_mean tanh(W (h_[CLS] + mean_t h_t)) over the
+        text's real tokens t. hidden: [B, T + L, H], text_mask: [B, T]. Returns [B, H].
+
+        Why the mean: a comparison of caption and image needs the caption's words in [CLS], and until ITM
+        has learned to compare there is no reason for [CLS] to gather them (README, "Does the model look at the
+        image?"); the mean puts every word in the pooled vector from the first step."""
+        x = hidden[:, 0]
+        if self.pool_text_mean:
+            m = text_mask.to(hidden.dtype)[..., None]  # [B, T, 1]
+            x = x + (hidden[:, :m.shape[1]] * m).sum(1) / m.sum(1).clamp(min=1)  # [B, H]
+        return torch.tanh(self.pooler(x))  # [B, H]
 
 
 class PredictionTransform(nn.Module):
@@ -791,7 +807,7 @@ class SOHO(nn.Module):
     def pair_logits(self, visual, visual_mask, input_ids, text_mask, head):
         """Pool [CLS] of each (visual row i, text row i) and apply `head`."""
         hidden = self.fuse(input_ids, text_mask, visual, visual_mask)
-        return head(self.transformer.pool(hidden))
+        return head(self.transformer.pool(hidden, text_mask))
 
     def itm_scores(self, visual, visual_mask, input_ids, text_mask):
         """Retrieval score of each (image, text) row pair: log p(matched) from the ITM head, [B]."""
@@ -843,7 +859,7 @@ class SOHO(nn.Module):
             mvm = LossTerm(zero, zero.detach(), zero.detach())
 
         # Eq. 8, ITM: is the text the image's caption?  A binary classifier on the pooled [CLS]
-        itm_logits = self.itm_head(self.transformer.pool(hidden))  # [4B, 2]
+        itm_logits = self.itm_head(self.transformer.pool(hidden, batch["text_mask"]))  # [4B, 2]
         itm = _loss_term(itm_logits, itm_label)
         return {"mlm": mlm, "mvm": mvm, "itm": itm, "vd_indices": None if h is None else h[valid],
                 "mvm_mask": mvm_mask, "itm_correct": itm_logits.detach().argmax(-1) == itm_label}
@@ -891,7 +907,7 @@ class SOHO(nn.Module):
             B = ids.shape[0]
             # rows 2i and 2i+1 of the images are example i's left and right image: pair each with its sentence
             hidden = self.fuse(ids.repeat_interleave(2, 0), tmask.repeat_interleave(2, 0), visual, valid)
-            pooled = self.transformer.pool(hidden).view(B, -1)  # [B, 2H]: [CLS] left ; [CLS] right
+            pooled = self.transformer.pool(hidden, tmask.repeat_interleave(2, 0)).view(B, -1)  # [B, 2H]: left ; right
             return self.nlvr2_head(pooled)
         raise ValueError(f"unknown task {task!r}; choose one of {TASKS[1:]}")
 

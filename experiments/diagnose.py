@@ -21,6 +21,9 @@ Each line answers one suspected cause with a number, on held-out data:
    features and from the tokens that enter the transformer (balanced accuracy, chance 0.5)?
 8. scale: the norm of the visual features against that of the 2-D sine position added to them before the
    LayerNorm: a token whose position is far larger than its content tells the transformer little of the image.
+9. grounded MLM: held-out matched captions with their background word (alone) masked; MLM's accuracy on it with
+   the image's own visual tokens, with those of an image of another background, and with no image: a model that
+   has tied the word to the pixels is right with its own image and wrong with another's.
 With --init the same model is measured at its initialisation (same seed and config), to tell what training did.
 """
 
@@ -216,6 +219,41 @@ def mismatches_by_background(model, ckpt, cfg, n_images=250):
     return {k: (c / max(n, 1), n) for k, (c, n) in hits.items()}
 
 
+@torch.no_grad()
+def grounded_mlm(model, ckpt, cfg, n_images=250):
+    """MLM accuracy on the masked background word of held-out matched captions, given the image's own visual
+    tokens, another background's image's tokens, or none: {"own image", "other image", "no image"}."""
+    tok = data.Tokenizer.from_vocab(ckpt["vocab_path"], cfg.max_text_len)
+    ds = data.build_dataset("pretrain", "val", ckpt["data_root"], tok, cfg, seed=0)
+    right = {"own image": 0, "other image": 0, "no image": 0}
+    n = 0
+    for start in range(0, min(n_images, len(ds)), 16):
+        batch = ds.collate([ds[i] for i in range(start, min(start + 16, n_images, len(ds)))])
+        visual, valid = model.pretrain_visual_tokens(batch["images"], batch["image_mask"])  # [B, l, c], [B, l]
+        first = torch.arange(0, len(batch["texts"]), 4)  # each image's first text: a matched caption
+        own = [background_of(batch["texts"][i]) for i in first.tolist()]
+        keep = [b for b, bg in enumerate(own) if bg is not None]
+        # another image of the batch with another background, for each image (None if the batch has none)
+        other = [next((o for o in range(len(own)) if own[o] not in (None, own[b])), None) for b in keep]
+        keep, other = [b for b, o in zip(keep, other) if o is not None], [o for o in other if o is not None]
+        if not keep:
+            continue
+        ids, tmask = batch["input_ids"][first[keep]].clone(), batch["text_mask"][first[keep]]  # [K, T]
+        targets = torch.tensor([tok.encode(own[b])[1] for b in keep])  # the background word's id
+        at = ids == targets[:, None]  # [K, T]
+        ids[at] = tok.mask_id
+        T = ids.shape[1]
+        for name, vis in (("own image", keep), ("other image", other), ("no image", None)):
+            if vis is None:
+                hidden = model.fuse(ids, tmask)
+            else:
+                hidden = model.fuse(ids, tmask, visual[vis], valid[vis])
+            pred = model.mlm_logits(hidden[:, :T][at]).argmax(-1)  # [masked positions]
+            right[name] += (pred == targets[at.nonzero()[:, 0]]).sum().item()
+        n += int(at.sum())
+    return {k: v / max(n, 1) for k, v in right.items()}, n
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="runs/pretrain/ckpt.pt")
@@ -262,6 +300,10 @@ def main():
           + ", ".join(f"{k} {v:.3f}" for k, v in cells.items()))
     scale = visual_scale(model, batch)
     print("8. visual token norms before the LayerNorm: " + ", ".join(f"{k} {v:.2f}" for k, v in scale.items()))
+    grounded, n = grounded_mlm(model, ckpt, cfg)
+    print(f"9. masked background word ({n} held-out captions) predicted: "
+          + ", ".join(f"with {k} {v:.3f}" for k, v in grounded.items())
+          + f" (chance among the {len(synthetic.SYNTH_BACKGROUNDS)} backgrounds {1 / len(synthetic.SYNTH_BACKGROUNDS):.3f})")
 
 
 if __name__ == "__main__":

@@ -92,7 +92,7 @@ def forward(model, oracle, scenes, ids, mask, img_index):
     features, valid, grid = oracle(scenes)
     visual = model.embed_visual(features, grid)[img_index]  # [4B, l, c]
     hidden = model.fuse(ids, mask, visual, valid[img_index])
-    return hidden, model.itm_head(model.transformer.pool(hidden))
+    return hidden, model.itm_head(model.transformer.pool(hidden, mask))
 
 
 def fresh(rng, n):

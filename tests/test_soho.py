@@ -355,6 +355,31 @@ def test_bf16_autocast_pretraining_step_on_cpu():
     assert torch.isfinite(loss) and model.visual_dictionary.pending_sums.dtype == torch.float32
 
 
+@pytest.mark.parametrize("text_mean", [False, True])
+def test_pool_matches_a_loop_float64(text_mean):
+    """pool: tanh(W h_[CLS]) (BERT), or with pool_text_mean tanh(W (h_[CLS] + mean of the real text tokens' h)):
+    padding and visual positions never enter it."""
+    cfg = replace(soho.PRESETS["tiny"], pool_text_mean=text_mean)
+    transformer = soho.CrossModalTransformer(cfg).double()
+    g = torch.Generator().manual_seed(0)
+    B, T, L, H = 3, 5, 4, cfg.hidden_size
+    hidden = torch.randn(B, T + L, H, generator=g, dtype=torch.float64)
+    text_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0]])
+    got = transformer.pool(hidden, text_mask)
+    W, b = transformer.pooler.weight, transformer.pooler.bias
+    for i in range(B):
+        x = hidden[i, 0].clone()
+        if text_mean:
+            n = int(text_mask[i].sum())
+            x = x + sum(hidden[i, t] for t in range(n)) / n
+        want = torch.tanh(W @ x + b)
+        torch.testing.assert_close(got[i], want, rtol=1e-12, atol=1e-12)
+    changed = hidden.clone()
+    changed[1, 3:] += 100.0  # padding of row 1 and every visual token
+    changed[:, T:] -= 50.0
+    torch.testing.assert_close(transformer.pool(changed, text_mask)[1], got[1], rtol=1e-12, atol=1e-12)
+
+
 def test_downstream_logits_shapes_and_pre_vd_features():
     torch.manual_seed(0)
     cfg = PRESETS["tiny"]
