@@ -6,7 +6,9 @@
 # > $$\mathcal{L}_{\text{ITM}} = -\mathbb{E}_{(\mathcal{W}, f(\mathcal{V})) \sim D} \log p(y | \phi(\mathcal{W}, f(\mathcal{V}))), \tag{8}$$
 # > where $y \in \{0, 1\}$ indicates whether the image and text is matched (y = 1) or not (y = 0)." (Sec. 3.3)
 #
-# $\phi$ is `SOHO.itm_head`, a linear layer on the pooled [CLS] state; `SOHO.pretrain_losses` returns the ITM term
+# $\phi$ is `SOHO.itm_head`, a linear layer on the pooled state: BERT's pooler on [CLS] at r18 / r101; the tiny preset
+# pools [CLS] plus the mean of the text's states (`pool_text_mean`, beyond the paper: with [CLS] alone the tiny model
+# waited at chance for a seed-dependent 300 to over 1,500 steps, README). `SOHO.pretrain_losses` returns the ITM term
 # and `SOHO.itm_scores` the per-pair $\log p(y = 1)$. Each image of a pre-training batch comes with four texts:
 # two of its captions ($y = 1$) and two captions of random other images ($y = 0$). A random caption is distributed
 # exactly like a matched one, so only the image can tell them apart (the "hard" negatives of
