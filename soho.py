@@ -664,9 +664,11 @@ class CrossModalTransformer(nn.Module):
         """tanh(W h_[CLS]) (BERT's pooler), or with pool_text_mean tanh(W (h_[CLS] + mean_t h_t)) over the
         text's real tokens t. hidden: [B, T + L, H], text_mask: [B, T]. Returns [B, H].
 
-        Why the mean: a comparison of caption and image needs the caption's words in [CLS], and until ITM
-        has learned to compare there is no reason for [CLS] to gather them (README, "Does the model look at the
-        image?"); the mean puts every word in the pooled vector from the first step."""
+        Why the mean (beyond the paper; the tiny preset): a comparison of caption and image needs the caption's
+        words in the pooled vector, and until ITM has learned to compare there is no reason for [CLS] to gather
+        them. From scratch, MLM ties each background word to its pixels long before ITM leaves chance
+        (experiments/diagnose.py, item 9); the mean puts every word in the pooled vector from the first step
+        (README, "Does the model look at the image?")."""
         x = hidden[:, 0]
         if self.pool_text_mean:
             m = text_mask.to(hidden.dtype)[..., None]  # [B, T, 1]
@@ -805,7 +807,7 @@ class SOHO(nn.Module):
         return self.transformer(input_ids, text_mask, visual, visual_mask)
 
     def pair_logits(self, visual, visual_mask, input_ids, text_mask, head):
-        """Pool [CLS] of each (visual row i, text row i) and apply `head`."""
+        """Pool each (visual row i, text row i) pair (CrossModalTransformer.pool) and apply `head`."""
         hidden = self.fuse(input_ids, text_mask, visual, visual_mask)
         return head(self.transformer.pool(hidden, text_mask))
 
@@ -858,7 +860,7 @@ class SOHO(nn.Module):
             zero = hidden.sum() * 0.0
             mvm = LossTerm(zero, zero.detach(), zero.detach())
 
-        # Eq. 8, ITM: is the text the image's caption?  A binary classifier on the pooled [CLS]
+        # Eq. 8, ITM: is the text the image's caption?  A binary classifier on the pooled [CLS] (see pool)
         itm_logits = self.itm_head(self.transformer.pool(hidden, batch["text_mask"]))  # [4B, 2]
         itm = _loss_term(itm_logits, itm_label)
         return {"mlm": mlm, "mvm": mvm, "itm": itm, "vd_indices": None if h is None else h[valid],

@@ -58,7 +58,7 @@ class TrainConfig:
     text_only: bool = False  # the control that cannot see: every image replaced by one constant image
     subject_from_epoch: int = -1  # from this epoch on (0-based; -1: never) the third text is a "subject" mismatch
     mlm_prob: float = 0.15  # pre-training: the share of each text's tokens that MLM masks (BERT's 15%)
-    itm_weight: float = 1.0  # pre-training: ITM's weight in Eq. 9 (the paper: 1, equal weights)
+    itm_weight: float = 1.0  # pre-training: ITM's weight in Eq. 9 (the paper: 1, equal weights; the tiny recipe: 5)
     # batch: `batch_per_gpu` examples per forward; gradient accumulation fills `global_batch` (examples per step)
     batch_per_gpu: int = 16
     global_batch: int = 16
