@@ -201,14 +201,20 @@ def background_of(text):
     return named[0] if len(named) == 1 else None
 
 
+def heldout_pretrain_batches(ckpt, cfg, n_images=250, batch_size=16):
+    """The tokenizer and the pre-training batches of the first n_images held-out (val) images, 4 texts each."""
+    tok = data.Tokenizer.from_vocab(ckpt["vocab_path"], cfg.max_text_len)
+    ds = data.build_dataset("pretrain", "val", ckpt["data_root"], tok, cfg, seed=0)
+    n = min(n_images, len(ds))
+    return tok, (ds.collate([ds[i] for i in range(start, min(start + batch_size, n))])
+                 for start in range(0, n, batch_size))
+
+
 @torch.no_grad()
 def mismatches_by_background(model, ckpt, cfg, n_images=250):
     """Held-out ITM accuracy on mismatched captions that name another background / the image's own."""
-    tok = data.Tokenizer.from_vocab(ckpt["vocab_path"], cfg.max_text_len)
-    ds = data.build_dataset("pretrain", "val", ckpt["data_root"], tok, cfg, seed=0)
     hits = {"other background": [0, 0], "same background": [0, 0]}
-    for start in range(0, min(n_images, len(ds)), 16):
-        batch = ds.collate([ds[i] for i in range(start, min(start + 16, n_images, len(ds)))])
+    for batch in heldout_pretrain_batches(ckpt, cfg, n_images)[1]:
         correct = model.pretrain_itm_logits(batch).argmax(-1) == batch["itm_label"]
         for row, text in enumerate(batch["texts"]):
             own = background_of(batch["texts"][row - row % 4])  # the image's first matched caption
@@ -223,21 +229,20 @@ def mismatches_by_background(model, ckpt, cfg, n_images=250):
 def grounded_mlm(model, ckpt, cfg, n_images=250):
     """MLM accuracy on the masked background word of held-out matched captions, given the image's own visual
     tokens, another background's image's tokens, or none: {"own image", "other image", "no image"}."""
-    tok = data.Tokenizer.from_vocab(ckpt["vocab_path"], cfg.max_text_len)
-    ds = data.build_dataset("pretrain", "val", ckpt["data_root"], tok, cfg, seed=0)
+    tok, batches = heldout_pretrain_batches(ckpt, cfg, n_images)
     right = {"own image": 0, "other image": 0, "no image": 0}
     n = 0
-    for start in range(0, min(n_images, len(ds)), 16):
-        batch = ds.collate([ds[i] for i in range(start, min(start + 16, n_images, len(ds)))])
+    for batch in batches:
         visual, valid = model.pretrain_visual_tokens(batch["images"], batch["image_mask"])  # [B, l, c], [B, l]
         first = torch.arange(0, len(batch["texts"]), 4)  # each image's first text: a matched caption
         own = [background_of(batch["texts"][i]) for i in first.tolist()]
-        keep = [b for b, bg in enumerate(own) if bg is not None]
-        # another image of the batch with another background, for each image (None if the batch has none)
-        other = [next((o for o in range(len(own)) if own[o] not in (None, own[b])), None) for b in keep]
-        keep, other = [b for b, o in zip(keep, other) if o is not None], [o for o in other if o is not None]
-        if not keep:
+        # (image, another image of the batch with another background), for each image that names one and has one
+        pairs = [(b, next((o for o, bg in enumerate(own) if bg not in (None, own[b])), None))
+                 for b in range(len(own)) if own[b] is not None]
+        pairs = [(b, o) for b, o in pairs if o is not None]
+        if not pairs:
             continue
+        keep, other = [b for b, _ in pairs], [o for _, o in pairs]
         ids, tmask = batch["input_ids"][first[keep]].clone(), batch["text_mask"][first[keep]]  # [K, T]
         targets = torch.tensor([tok.encode(own[b])[1] for b in keep])  # the background word's id
         at = ids == targets[:, None]  # [K, T]
