@@ -17,13 +17,16 @@ Each line answers one suspected cause with a number, on held-out data:
 5. the VD: entries in use on held-out images, against the 30 colour-shape kinds of the world.
 6. what ITM reads: held-out mismatched captions split by whether they name the image's own background (every
    synthetic caption names one): a model that sees only the scene catches none of the same-background ones.
-7. per-cell colour probe: can a linear probe read which colours lie in a token's own 64x64 cell, from the
-   features and from the tokens that enter the transformer (balanced accuracy, chance 0.5)?
+7. per-cell colour probe: can a probe (linear, and a small MLP) read which colours lie in a token's own 64x64
+   cell, from the features and from the tokens that enter the transformer, against the same probe on the cell's
+   own pixels (balanced accuracy, chance 0.5)? Pixels the probe reads better than features: the ResNet lost it.
 8. scale: the norm of the visual features against that of the 2-D sine position added to them before the
    LayerNorm: a token whose position is far larger than its content tells the transformer little of the image.
 9. grounded MLM: held-out matched captions with their background word (alone) masked; MLM's accuracy on it with
    the image's own visual tokens, with those of an image of another background, and with no image: a model that
    has tied the word to the pixels is right with its own image and wrong with another's.
+10. the same for the first object colour a matched caption names ("red" in "a red circle ..."): a model that sees
+   objects is right more often with its own image than with none.
 With --init the same model is measured at its initialisation (same seed and config), to tell what training did.
 """
 
@@ -64,12 +67,22 @@ def stage_features(model, images, image_mask):
     return out
 
 
+def _standardise(x_train, x_test):
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    return (x_train - mean) / std, (x_test - mean) / std
+
+
+def balanced_accuracy(pred, y):
+    """Mean over labels of (true-positive rate + true-negative rate) / 2: chance 0.5 however rare a label is."""
+    tpr = (pred & (y == 1)).sum(0) / y.sum(0).clamp(min=1)
+    tnr = (~pred & (y == 0)).sum(0) / (1 - y).sum(0).clamp(min=1)
+    return ((tpr + tnr) / 2).mean().item()
+
+
 def linear_probe(x_train, y_train, x_test, y_test, steps=300, balanced=False):
     """A logistic-regression probe per binary label: x [N, C], y [N, K]. Returns its accuracy averaged over labels,
-    or with balanced=True (classes weighted equally in training) its balanced accuracy, the mean of the true-positive
-    and true-negative rates (chance 0.5 however rare a label is)."""
-    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
-    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    or with balanced=True (classes weighted equally in training) its balanced accuracy."""
+    x_train, x_test = _standardise(x_train, x_test)
     w = torch.zeros(x_train.shape[1], y_train.shape[1], requires_grad=True)
     b = torch.zeros(y_train.shape[1], requires_grad=True)
     pos_weight = (1 - y_train.mean(0)) / y_train.mean(0).clamp(min=1e-3) if balanced else None
@@ -81,11 +94,24 @@ def linear_probe(x_train, y_train, x_test, y_test, steps=300, balanced=False):
         opt.step()
     with torch.no_grad():
         pred = (x_test @ w + b) > 0
-        if not balanced:
-            return (pred.float() == y_test).float().mean().item()
-        tpr = (pred & (y_test == 1)).sum(0) / y_test.sum(0).clamp(min=1)
-        tnr = (~pred & (y_test == 0)).sum(0) / (1 - y_test).sum(0).clamp(min=1)
-        return ((tpr + tnr) / 2).mean().item()
+        return balanced_accuracy(pred, y_test) if balanced else (pred.float() == y_test).float().mean().item()
+
+
+def mlp_probe(x_train, y_train, x_test, y_test, steps=600, hidden=256):
+    """A one-hidden-layer probe (ReLU, `hidden` units), classes weighted equally: balanced accuracy. A linear probe
+    cannot read "red is in this cell" from a cell's colours (the background mixes in), a small MLP can."""
+    torch.manual_seed(0)
+    x_train, x_test = _standardise(x_train, x_test)
+    net = torch.nn.Sequential(torch.nn.Linear(x_train.shape[1], hidden), torch.nn.ReLU(),
+                              torch.nn.Linear(hidden, y_train.shape[1]))
+    pos_weight = (1 - y_train.mean(0)) / y_train.mean(0).clamp(min=1e-3)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.binary_cross_entropy_with_logits(net(x_train), y_train, pos_weight=pos_weight).backward()
+        opt.step()
+    with torch.no_grad():
+        return balanced_accuracy(net(x_test) > 0, y_test)
 
 
 def colour_probe(model, cfg, n_train=600, n_test=300):
@@ -112,16 +138,21 @@ def cell_colours(scene, r, c):
 
 @torch.no_grad()
 def cell_colour_probe(model, cfg, n_train=400, n_test=200):
-    """Per token: can a linear probe read which colours lie in its own 64x64 cell, from the features (Eq. 1) and
-    from the tokens that enter the transformer? Balanced accuracy, chance 0.5."""
+    """Per token: can a probe read which colours lie in its own 64x64 cell, from the cell's pixels (its mean colour
+    in each 16x16 block: 48 numbers, the reference), from the features (Eq. 1), and from the tokens that enter the
+    transformer? {(probe, input): balanced accuracy, chance 0.5}, for a linear probe and a small MLP."""
     parts = {}
     for part, n in (("train", n_train), ("test", n_test)):
-        sc, feats, labels = scenes(n, f"cells/{part}"), {"features": [], "tokens": []}, []
+        sc, feats, labels = scenes(n, f"cells/{part}"), {"pixels": [], "features": [], "tokens": []}, []
         for start in range(0, n, 50):
             batch = sc[start:start + 50]
             images, mask = synthetic.scene_batch(batch, cfg.image_short, cfg.image_long)
             V, valid, (gh, gw) = model.encode(images, mask)
             tokens, _ = model.pretrain_visual_tokens(images, mask)
+            B = images.shape[0]
+            blocks = F.avg_pool2d(images[:, :, :64 * gh, :64 * gw], 16)  # [B, 3, 4 gh, 4 gw]
+            pixels = blocks.view(B, 3, gh, 4, gw, 4).permute(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, 48)
+            feats["pixels"].append(pixels[valid])
             feats["features"].append(V[valid])
             feats["tokens"].append(tokens[valid])
             labels += [cell_colours(s, i // gw, i % gw) for b, s in enumerate(batch) for i in range(gh * gw)
@@ -129,10 +160,11 @@ def cell_colour_probe(model, cfg, n_train=400, n_test=200):
         parts[part] = ({k: torch.cat(v) for k, v in feats.items()}, torch.tensor(labels))
     (x_train, y_train), (x_test, y_test) = parts["train"], parts["test"]
     with torch.enable_grad():
-        return {k: linear_probe(x_train[k], y_train, x_test[k], y_test, balanced=True) for k in x_train}
+        return {(name, k): probe(x_train[k], y_train, x_test[k], y_test)
+                for name, probe in (("linear", lambda *a: linear_probe(*a, balanced=True)), ("MLP", mlp_probe))
+                for k in x_train}
 
 
-@torch.no_grad()
 def visual_scale(model, batch):
     """Norms per visual token before the LayerNorm of embed_visual: the features (Eq. 1), their image-specific
     part (less the mean over all tokens of the batch), and the 2-D sine position added to them."""
@@ -225,10 +257,19 @@ def mismatches_by_background(model, ckpt, cfg, n_images=250):
     return {k: (c / max(n, 1), n) for k, (c, n) in hits.items()}
 
 
+def object_colour_of(text):
+    """The first object colour a caption names (e.g. "red" in "a red circle on a white background"), or None."""
+    words = text.lower().replace(".", " ").replace(",", " ").split()
+    return next((w for w in words if w in SYNTH_COLORS), None)
+
+
 @torch.no_grad()
-def grounded_mlm(model, ckpt, cfg, n_images=250):
-    """MLM accuracy on the masked background word of held-out matched captions, given the image's own visual
-    tokens, another background's image's tokens, or none: {"own image", "other image", "no image"}."""
+def grounded_mlm(model, ckpt, cfg, n_images=250, word="background"):
+    """MLM accuracy on one masked word of held-out matched captions, given the image's own visual tokens, those of
+    an image with another background, or none: {"own image", "other image", "no image"}, and the number scored.
+    word="background": the background's colour word (item 9); word="object colour": the first colour of a shape
+    that the caption names (item 10), masked at its first occurrence only."""
+    name_of = {"background": background_of, "object colour": object_colour_of}[word]
     tok, batches = heldout_pretrain_batches(ckpt, cfg, n_images)
     right = {"own image": 0, "other image": 0, "no image": 0}
     n = 0
@@ -236,16 +277,18 @@ def grounded_mlm(model, ckpt, cfg, n_images=250):
         visual, valid = model.pretrain_visual_tokens(batch["images"], batch["image_mask"])  # [B, l, c], [B, l]
         first = torch.arange(0, len(batch["texts"]), 4)  # each image's first text: a matched caption
         own = [background_of(batch["texts"][i]) for i in first.tolist()]
-        # (image, another image of the batch with another background), for each image that names one and has one
+        # (image, another image of the batch with another background), for each image whose caption names the word
+        # and a background, and that has such another image
         pairs = [(b, next((o for o, bg in enumerate(own) if bg not in (None, own[b])), None))
-                 for b in range(len(own)) if own[b] is not None]
+                 for b in range(len(own)) if own[b] is not None and name_of(batch["texts"][first[b]]) is not None]
         pairs = [(b, o) for b, o in pairs if o is not None]
         if not pairs:
             continue
         keep, other = [b for b, _ in pairs], [o for _, o in pairs]
         ids, tmask = batch["input_ids"][first[keep]].clone(), batch["text_mask"][first[keep]]  # [K, T]
-        targets = torch.tensor([tok.encode(own[b])[1] for b in keep])  # the background word's id
+        targets = torch.tensor([tok.encode(name_of(batch["texts"][first[b]]))[1] for b in keep])  # the word's id
         at = ids == targets[:, None]  # [K, T]
+        at &= at.cumsum(1) == 1  # its first occurrence only
         ids[at] = tok.mask_id
         T = ids.shape[1]
         for name, vis in (("own image", keep), ("other image", other), ("no image", None)):
@@ -301,14 +344,20 @@ def main():
     print("6. held-out mismatched captions caught: " + ", ".join(f"naming {k.split()[0]} background {a:.3f} "
                                                                f"({n} captions)" for k, (a, n) in split.items()))
     cells = cell_colour_probe(model, cfg)
-    print("7. per-cell colour probe (which colours lie in a token's own cell; balanced accuracy, chance 0.5): "
-          + ", ".join(f"{k} {v:.3f}" for k, v in cells.items()))
+    print("7. per-cell colour probe (which colours lie in a token's own cell; balanced accuracy, chance 0.5):")
+    for name in ("linear", "MLP"):
+        print(f"     {name:6s} " + ", ".join(f"{k} {v:.3f}" for (p, k), v in cells.items() if p == name)
+              + " (pixels: the cell's 16x16-block mean colours, the reference)")
     scale = visual_scale(model, batch)
     print("8. visual token norms before the LayerNorm: " + ", ".join(f"{k} {v:.2f}" for k, v in scale.items()))
     grounded, n = grounded_mlm(model, ckpt, cfg)
     print(f"9. masked background word ({n} held-out captions) predicted: "
           + ", ".join(f"with {k} {v:.3f}" for k, v in grounded.items())
           + f" (chance among the {len(synthetic.SYNTH_BACKGROUNDS)} backgrounds {1 / len(synthetic.SYNTH_BACKGROUNDS):.3f})")
+    grounded, n = grounded_mlm(model, ckpt, cfg, word="object colour")
+    print(f"10. masked object colour word ({n} held-out captions) predicted: "
+          + ", ".join(f"with {k} {v:.3f}" for k, v in grounded.items())
+          + f" (chance among the {len(SYNTH_COLORS)} colours {1 / len(SYNTH_COLORS):.3f})")
 
 
 if __name__ == "__main__":

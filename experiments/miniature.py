@@ -93,6 +93,22 @@ def report(path):
     print("\n".join(lines))
 
 
+def pretrained_checkpoints(spec):
+    """--pretrained: "" -> {}; "PATH" -> {"vd128": PATH}; "NAME=PATH,NAME=PATH" -> {NAME: PATH, ...}."""
+    if not spec:
+        return {}
+    if "=" not in spec:
+        return {"vd128": spec}
+    given = dict(pair.split("=", 1) for pair in spec.split(","))
+    unknown = sorted(set(given) - set(PRETRAININGS))
+    if unknown:
+        raise SystemExit(f"--pretrained: unknown pre-training(s) {unknown}; choose from {list(PRETRAININGS)}")
+    missing = [path for path in given.values() if not os.path.isfile(path)]
+    if missing:
+        raise SystemExit(f"--pretrained: no checkpoint at {missing}")
+    return given
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/miniature")
@@ -102,7 +118,8 @@ def main():
     p.add_argument("--tasks", default=",".join(FINE_TUNING))
     p.add_argument("--pretrain-args", default="", help='extra train.py flags for pre-training, e.g. "--epochs=10"')
     p.add_argument("--pretrained", default="", help="use this checkpoint of the default pre-training (e.g. "
-                   "runs/pretrain/ckpt.pt from `python train.py`) as vd128 instead of pre-training again")
+                   "runs/pretrain/ckpt.pt from `python train.py`) as vd128 instead of pre-training again; or "
+                   "comma-separated NAME=CHECKPOINT pairs for any of the pre-trainings (e.g. no-vd=runs/novd/ckpt.pt)")
     p.add_argument("--report", action="store_true", help="print the tables of what <out>/results.jsonl holds")
     args = p.parse_args()
     if args.report:
@@ -112,13 +129,14 @@ def main():
     done = done_keys(results)
     seeds = [int(s) for s in args.seeds.split(",")]
     inits = ["scratch"] + [i for i in args.pretrainings.split(",") if i]
+    given = pretrained_checkpoints(args.pretrained)
     for init in inits:
         ckpt = None
         if init != "scratch":
             run = os.path.join(args.out, f"pretrain-{init}")
             ckpt = os.path.join(run, "ckpt.pt")
-            if init == "vd128" and args.pretrained:
-                ckpt = args.pretrained
+            if init in given:
+                ckpt = given[init]
                 if f"pretrain/{init}" not in done:
                     final = train.load_checkpoint(ckpt)["metrics"]
                     record(results, f"pretrain/{init}", minutes=None, final=final, checkpoint=ckpt)

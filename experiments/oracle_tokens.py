@@ -11,10 +11,11 @@ The synthetic world's scenes are known exactly, so the ResNet and the VD can be 
 learned embeddings of that shape's colour and kind. The tiny preset's transformer (soho.SOHO's, with its 2-D sine
 position and LayerNorm) then learns MLM and ITM as pre-training does: 16 fresh scenes a step, each with 2 of its
 captions and 2 captions of other scenes of the batch, the inputs of all 4 masked alike, MLM on the matched ones.
-Every --eval_every steps it is scored on 256 held-out scenes: matched captions, and mismatched captions that name
-another background or the scene's own. A mismatch that names the scene's own background can be caught only by
-its objects: if perfect tokens leave those uncaught in the pre-training budget (1,515 steps), objects are lost in
-the transformer, not in the ResNet or the VD.
+Every --eval_every steps it is scored on 256 held-out scenes: ITM on matched captions and on mismatched captions
+that name another background or the scene's own, and MLM on a masked object colour word read with the scene's own
+tokens, another scene's and none (does MLM read the objects?). A mismatch that names the scene's own background
+can be caught only by its objects: if perfect tokens leave those uncaught in the pre-training budget (1,515
+steps), objects are lost in the transformer, not in the ResNet or the VD.
 """
 
 import argparse
@@ -102,14 +103,32 @@ def fresh(rng, n):
 
 @torch.no_grad()
 def evaluate(model, oracle, tok, scenes, captions):
+    """Held-out ITM accuracy per kind of text, and MLM's accuracy on the first object colour that each scene's first
+    caption names, masked, read with the scene's own tokens, with the next scene's, and with none."""
     model.eval()
     rng, hits = random.Random("oracle/eval"), {}
+    colour_ids = torch.tensor([tok.encode(c)[1] for c in COLOURS])
     for start in range(0, len(scenes), 16):
         sc, caps = scenes[start:start + 16], captions[start:start + 16]
         ids, mask, _, labels, kinds, _ = batch_of(sc, caps, tok, rng, 0.0)
         _, logits = forward(model, oracle, sc, ids, mask, torch.arange(len(sc)).repeat_interleave(4))
         for kind, ok in zip(kinds, (logits.argmax(-1) == labels).tolist()):
             hits.setdefault(kind, []).append(ok)
+        first = ids[0::4].clone()  # [16, T] each scene's first caption
+        at = torch.isin(first, colour_ids)
+        at &= at.cumsum(1) == 1  # the first object colour of each caption
+        targets = first[at]
+        first[at] = tok.mask_id
+        features, valid, grid = oracle(sc)
+        visual = model.embed_visual(features, grid)
+        order = torch.arange(len(sc))
+        for name, order in (("colour MLM own", order), ("colour MLM other", order.roll(1)), ("colour MLM none", None)):
+            if order is None:
+                hidden = model.fuse(first, mask[0::4])
+            else:
+                hidden = model.fuse(first, mask[0::4], visual[order], valid[order])
+            right = model.mlm_logits(hidden[:, :first.shape[1]][at]).argmax(-1) == targets
+            hits.setdefault(name, []).extend(right.tolist())
     model.train()
     return {k: sum(v) / len(v) for k, v in sorted(hits.items())}
 

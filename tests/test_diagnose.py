@@ -5,6 +5,7 @@ import os
 import sys
 from dataclasses import replace
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,12 +35,15 @@ def test_term_gradients_are_each_terms_own_gradient():
     assert set(no_vd) == {"mlm", "itm"}
 
 
-def test_grounded_mlm_masks_only_the_background_word_and_swaps_only_the_image(world):
-    """Item 9: each scored caption is a matched one with its background word (and nothing else) replaced by
-    [MASK]; the three readings differ only in the visual tokens (own image, another background's image, none)."""
+@pytest.mark.parametrize("word", ["background", "object colour"])
+def test_grounded_mlm_masks_only_the_chosen_word_and_swaps_only_the_image(world, word):
+    """Items 9 and 10: each scored caption is a matched one with one word (its background, or the first object
+    colour it names) replaced by [MASK], and nothing else; the three readings differ only in the visual tokens
+    (own image, another background's image, none)."""
     cfg = soho.PRESETS["tiny"]
     tok = data.Tokenizer.from_vocab(os.path.join(world, "vocab.txt"), cfg.max_text_len)
-    bg_ids = {tok.encode(bg)[1] for bg in diagnose.synthetic.SYNTH_BACKGROUNDS}
+    words = diagnose.synthetic.SYNTH_BACKGROUNDS if word == "background" else diagnose.SYNTH_COLORS
+    word_ids = {tok.encode(w)[1] for w in words}
     model = fresh_model(use_vd=False).eval()  # an untrained VD would give every image the same tokens
     calls, real_fuse = [], model.fuse
 
@@ -49,12 +53,16 @@ def test_grounded_mlm_masks_only_the_background_word_and_swaps_only_the_image(wo
 
     model.fuse = recording_fuse
     accuracy, n = diagnose.grounded_mlm(model, {"vocab_path": os.path.join(world, "vocab.txt"), "data_root": world},
-                                        cfg, n_images=32)
+                                        cfg, n_images=32, word=word)
     assert n > 0 and set(accuracy) == {"own image", "other image", "no image"}
     assert all(0.0 <= a <= 1.0 for a in accuracy.values())
     assert len(calls) % 3 == 0
     for (own_ids, own_vis), (other_ids, other_vis), (none_ids, none_vis) in zip(*[iter(calls)] * 3):
         assert torch.equal(own_ids, other_ids) and torch.equal(own_ids, none_ids) and none_vis is None
-        assert ((own_ids == tok.mask_id).sum(1) >= 1).all()  # the background word is masked in every row
-        assert not any(i in bg_ids for i in own_ids.flatten().tolist())  # and no background word is left
+        assert ((own_ids == tok.mask_id).sum(1) >= 1).all()  # the chosen word is masked in every row
+        if word == "background":  # a caption names its background once: none is left
+            assert not any(i in word_ids for i in own_ids.flatten().tolist())
+        else:  # the first object colour is masked, so no object colour comes before the [MASK]
+            for row in own_ids.tolist():
+                assert not any(i in word_ids for i in row[:row.index(tok.mask_id)])
         assert not torch.equal(own_vis, other_vis)

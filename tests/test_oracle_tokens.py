@@ -28,7 +28,8 @@ def test_a_cell_holds_its_background_and_exactly_the_shapes_that_reach_it():
             torch.testing.assert_close(features[0, i], teal)
 
 
-def test_a_short_run_scores_matched_and_both_kinds_of_mismatch(world):
+def test_a_short_run_scores_matched_both_kinds_of_mismatch_and_colour_mlm(world):
     scores = oracle_tokens.main(["--steps", "3", "--eval_every", "3", "--vocab", os.path.join(world, "vocab.txt")])
-    assert set(scores) == {"matched", "other background", "same background"}
+    assert set(scores) == {"matched", "other background", "same background", "colour MLM own", "colour MLM other",
+                           "colour MLM none"}
     assert all(0.0 <= v <= 1.0 for v in scores.values())
