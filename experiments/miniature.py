@@ -80,16 +80,18 @@ def report(path):
         lines.append(f"| {names[task]} | " + " | ".join(out) + " |")
     pre = [r for r in rows if r["key"].startswith("pretrain/")]
     lines += ["", "| pre-training | minutes | MLM acc | MVM acc | held-out ITM acc (matched / mismatched) | "
-              "VD entries used | VD perplexity |", "| --- | --- | --- | --- | --- | --- | --- |"]
+              "VD entries used (share of k) | VD perplexity |", "| --- | --- | --- | --- | --- | --- | --- |"]
     nan = float("nan")
     for r in pre:
         f = r["final"]
         minutes = "given" if r.get("checkpoint") else f"{r['minutes']:.1f}"
+        vd = "vd_used" in f  # without the VD there is no MVM and no dictionary to report
         lines.append(f"| {r['key'].split('/')[1]} | {minutes} | {f.get('mlm_acc', 0):.2f} | "
-                     f"{f.get('mvm_acc', nan):.2f} | {f.get('heldout_itm_acc', nan):.3f} "
+                     + (f"{f.get('mvm_acc', nan):.2f}" if vd else "-")
+                     + f" | {f.get('heldout_itm_acc', nan):.3f} "
                      f"({f.get('heldout_itm_matched_acc', nan):.3f} / "
                      f"{f.get('heldout_itm_mismatched_acc', nan):.3f}) | "
-                     f"{f.get('vd_used', nan):.3f} | {f.get('vd_ppl', nan):.1f} |")
+                     + (f"{f['vd_used']:.3f} | {f.get('vd_ppl', nan):.1f}" if vd else "- | -") + " |")
     print("\n".join(lines))
 
 
