@@ -136,6 +136,16 @@ def cell_colours(scene, r, c):
     return [float(k in hit) for k in sorted(SYNTH_COLORS)]
 
 
+def cell_pixels(images, grid):
+    """[B, gh * gw, 48]: each 64x64 cell of the token grid as the mean colour of its sixteen 16x16 blocks (3 x 4 x
+    4 numbers, channel first, then block row, then block column), images padded with zeros to whole cells."""
+    gh, gw = grid
+    B, _, H, W = images.shape
+    padded = F.pad(images, (0, 64 * gw - W, 0, 64 * gh - H))  # a 288-pixel side is 5 cells, the last half empty
+    blocks = F.avg_pool2d(padded, 16)  # [B, 3, 4 gh, 4 gw]
+    return blocks.view(B, 3, gh, 4, gw, 4).permute(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, 48)
+
+
 @torch.no_grad()
 def cell_colour_probe(model, cfg, n_train=400, n_test=200):
     """Per token: can a probe read which colours lie in its own 64x64 cell, from the cell's pixels (its mean colour
@@ -149,10 +159,7 @@ def cell_colour_probe(model, cfg, n_train=400, n_test=200):
             images, mask = synthetic.scene_batch(batch, cfg.image_short, cfg.image_long)
             V, valid, (gh, gw) = model.encode(images, mask)
             tokens, _ = model.pretrain_visual_tokens(images, mask)
-            B = images.shape[0]
-            blocks = F.avg_pool2d(images[:, :, :64 * gh, :64 * gw], 16)  # [B, 3, 4 gh, 4 gw]
-            pixels = blocks.view(B, 3, gh, 4, gw, 4).permute(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, 48)
-            feats["pixels"].append(pixels[valid])
+            feats["pixels"].append(cell_pixels(images, (gh, gw))[valid])
             feats["features"].append(V[valid])
             feats["tokens"].append(tokens[valid])
             labels += [cell_colours(s, i // gw, i % gw) for b, s in enumerate(batch) for i in range(gh * gw)
@@ -165,6 +172,7 @@ def cell_colour_probe(model, cfg, n_train=400, n_test=200):
                 for k in x_train}
 
 
+@torch.no_grad()
 def visual_scale(model, batch):
     """Norms per visual token before the LayerNorm of embed_visual: the features (Eq. 1), their image-specific
     part (less the mean over all tokens of the batch), and the 2-D sine position added to them."""
