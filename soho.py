@@ -860,7 +860,7 @@ class SOHO(nn.Module):
             zero = hidden.sum() * 0.0
             mvm = LossTerm(zero, zero.detach(), zero.detach())
 
-        # Eq. 8, ITM: is the text the image's caption?  A binary classifier on the pooled [CLS] (see pool)
+        # Eq. 8, ITM: is the text the image's caption?  A binary classifier on the pooled state (see pool)
         itm_logits = self.itm_head(self.transformer.pool(hidden, batch["text_mask"]))  # [4B, 2]
         itm = _loss_term(itm_logits, itm_label)
         return {"mlm": mlm, "mvm": mvm, "itm": itm, "vd_indices": None if h is None else h[valid],

@@ -265,48 +265,52 @@ def mismatches_by_background(model, ckpt, cfg, n_images=250):
     return {k: (c / max(n, 1), n) for k, (c, n) in hits.items()}
 
 
-def object_colour_of(text):
-    """The first object colour a caption names (e.g. "red" in "a red circle on a white background"), or None."""
-    words = text.lower().replace(".", " ").replace(",", " ").split()
-    return next((w for w in words if w in SYNTH_COLORS), None)
+def mask_first_of(ids, word_ids, mask_id):
+    """Each row's first token that is one of `word_ids` replaced by [MASK]: (masked ids [K, T], where [K, T] bool,
+    the replaced ids [number masked], in row order). A row with none of the words is left as it is."""
+    at = torch.isin(ids, word_ids)
+    at &= at.cumsum(1) == 1  # the first occurrence only
+    masked = ids.clone()
+    masked[at] = mask_id
+    return masked, at, ids[at]
 
 
 @torch.no_grad()
 def grounded_mlm(model, ckpt, cfg, n_images=250, word="background"):
     """MLM accuracy on one masked word of held-out matched captions, given the image's own visual tokens, those of
     an image with another background, or none: {"own image", "other image", "no image"}, and the number scored.
-    word="background": the background's colour word (item 9); word="object colour": the first colour of a shape
-    that the caption names (item 10), masked at its first occurrence only."""
-    name_of = {"background": background_of, "object colour": object_colour_of}[word]
+    word="background": the background's colour word (item 9; a caption names it once); word="object colour": the
+    first colour of a shape that the caption names (item 10)."""
+    words = {"background": synthetic.SYNTH_BACKGROUNDS, "object colour": SYNTH_COLORS}[word]
     tok, batches = heldout_pretrain_batches(ckpt, cfg, n_images)
+    word_ids = torch.tensor([tok.encode(w)[1] for w in words])  # each is one WordPiece of the world's vocabulary
     right = {"own image": 0, "other image": 0, "no image": 0}
     n = 0
     for batch in batches:
         visual, valid = model.pretrain_visual_tokens(batch["images"], batch["image_mask"])  # [B, l, c], [B, l]
         first = torch.arange(0, len(batch["texts"]), 4)  # each image's first text: a matched caption
         own = [background_of(batch["texts"][i]) for i in first.tolist()]
-        # (image, another image of the batch with another background), for each image whose caption names the word
-        # and a background, and that has such another image
+        # (image, another image of the batch with another background), for each image that names one and has one
         pairs = [(b, next((o for o, bg in enumerate(own) if bg not in (None, own[b])), None))
-                 for b in range(len(own)) if own[b] is not None and name_of(batch["texts"][first[b]]) is not None]
+                 for b in range(len(own)) if own[b] is not None]
         pairs = [(b, o) for b, o in pairs if o is not None]
-        if not pairs:
+        ids, at, targets = mask_first_of(batch["input_ids"][first[[b for b, _ in pairs]]], word_ids, tok.mask_id)
+        rows = at.any(1).tolist()  # the captions that name such a word
+        keep = [b for (b, _), r in zip(pairs, rows) if r]
+        other = [o for (_, o), r in zip(pairs, rows) if r]
+        if not keep:
             continue
-        keep, other = [b for b, _ in pairs], [o for _, o in pairs]
-        ids, tmask = batch["input_ids"][first[keep]].clone(), batch["text_mask"][first[keep]]  # [K, T]
-        targets = torch.tensor([tok.encode(name_of(batch["texts"][first[b]]))[1] for b in keep])  # the word's id
-        at = ids == targets[:, None]  # [K, T]
-        at &= at.cumsum(1) == 1  # its first occurrence only
-        ids[at] = tok.mask_id
+        ids, at = ids[torch.tensor(rows)], at[torch.tensor(rows)]  # [K, T]
+        tmask = batch["text_mask"][first[keep]]
         T = ids.shape[1]
         for name, vis in (("own image", keep), ("other image", other), ("no image", None)):
             if vis is None:
                 hidden = model.fuse(ids, tmask)
             else:
                 hidden = model.fuse(ids, tmask, visual[vis], valid[vis])
-            pred = model.mlm_logits(hidden[:, :T][at]).argmax(-1)  # [masked positions]
-            right[name] += (pred == targets[at.nonzero()[:, 0]]).sum().item()
-        n += int(at.sum())
+            pred = model.mlm_logits(hidden[:, :T][at]).argmax(-1)  # [masked positions], in row order as targets
+            right[name] += (pred == targets).sum().item()
+        n += len(targets)
     return {k: v / max(n, 1) for k, v in right.items()}, n
 
 
@@ -361,7 +365,8 @@ def main():
     grounded, n = grounded_mlm(model, ckpt, cfg)
     print(f"9. masked background word ({n} held-out captions) predicted: "
           + ", ".join(f"with {k} {v:.3f}" for k, v in grounded.items())
-          + f" (chance among the {len(synthetic.SYNTH_BACKGROUNDS)} backgrounds {1 / len(synthetic.SYNTH_BACKGROUNDS):.3f})")
+          + f" (chance among the {len(synthetic.SYNTH_BACKGROUNDS)} backgrounds "
+          f"{1 / len(synthetic.SYNTH_BACKGROUNDS):.3f})")
     grounded, n = grounded_mlm(model, ckpt, cfg, word="object colour")
     print(f"10. masked object colour word ({n} held-out captions) predicted: "
           + ", ".join(f"with {k} {v:.3f}" for k, v in grounded.items())

@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import soho  # noqa: E402
 import synthetic  # noqa: E402
+from diagnose import mask_first_of  # noqa: E402  (experiments/ is this script's own folder)
 from synthetic import SYNTH_BACKGROUNDS, SYNTH_COLORS, SYNTH_SHAPES  # noqa: E402
 
 BACKGROUNDS, COLOURS, SHAPES = sorted(SYNTH_BACKGROUNDS), sorted(SYNTH_COLORS), list(SYNTH_SHAPES)
@@ -114,19 +115,16 @@ def evaluate(model, oracle, tok, scenes, captions):
         _, logits = forward(model, oracle, sc, ids, mask, torch.arange(len(sc)).repeat_interleave(4))
         for kind, ok in zip(kinds, (logits.argmax(-1) == labels).tolist()):
             hits.setdefault(kind, []).append(ok)
-        first = ids[0::4].clone()  # [16, T] each scene's first caption
-        at = torch.isin(first, colour_ids)
-        at &= at.cumsum(1) == 1  # the first object colour of each caption
-        targets = first[at]
-        first[at] = tok.mask_id
+        first, at, targets = mask_first_of(ids[0::4], colour_ids, tok.mask_id)  # [16, T]: each scene's first caption
         features, valid, grid = oracle(sc)
         visual = model.embed_visual(features, grid)
-        order = torch.arange(len(sc))
-        for name, order in (("colour MLM own", order), ("colour MLM other", order.roll(1)), ("colour MLM none", None)):
-            if order is None:
+        scene = torch.arange(len(sc))
+        readings = (("colour MLM own", scene), ("colour MLM other", scene.roll(1)), ("colour MLM none", None))
+        for name, tokens_of in readings:
+            if tokens_of is None:
                 hidden = model.fuse(first, mask[0::4])
             else:
-                hidden = model.fuse(first, mask[0::4], visual[order], valid[order])
+                hidden = model.fuse(first, mask[0::4], visual[tokens_of], valid[tokens_of])
             right = model.mlm_logits(hidden[:, :first.shape[1]][at]).argmax(-1) == targets
             hits.setdefault(name, []).extend(right.tolist())
     model.train()

@@ -86,3 +86,14 @@ def test_cell_pixels_are_each_cells_block_means_in_a_loop():
                             y, x = 64 * r + 16 * i, 64 * c + 16 * j
                             want = padded[b, ch, y:y + 16, x:x + 16].mean()
                             assert torch.isclose(got[b, r * 4 + c, ch * 16 + i * 4 + j], want)
+
+
+def test_mask_first_of_masks_each_rows_first_chosen_word_only():
+    ids = torch.tensor([[1, 7, 5, 8, 5, 0],   # 5 twice, 8 once: only the first of them (5 at position 2)
+                        [1, 8, 9, 5, 2, 0],   # 8 comes first
+                        [1, 6, 6, 2, 0, 0]])  # none of the words: left alone
+    masked, at, targets = diagnose.mask_first_of(ids, torch.tensor([5, 8]), 103)
+    assert torch.equal(masked, torch.tensor([[1, 7, 103, 8, 5, 0], [1, 103, 9, 5, 2, 0], [1, 6, 6, 2, 0, 0]]))
+    assert at.sum().item() == 2 and at[0, 2] and at[1, 1]
+    assert targets.tolist() == [5, 8]
+    assert ids[0, 2] == 5  # the input is not changed
