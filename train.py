@@ -77,6 +77,8 @@ class TrainConfig:
     freeze_backbone_epochs: int = 0  # Sec. 3.2: the ResNet is frozen while the VD cold-starts
     grad_clip: float = 10.0  # max gradient norm (0: off), as the official code
     amp: str = "auto"  # bf16 | fp16 | off | auto (bf16 on a GPU that has it, fp16 on older GPUs, off on CPU)
+    channels_last: bool = True  # the convolutions in NHWC (torch.channels_last): the same model up to float
+    # rounding, ~10% faster steps on a CPU (oneDNN) and faster on GPU tensor cores (README, "Speed")
     num_workers: int = 2
     skip_bad_images: bool = False  # skip unreadable images (logged and counted) instead of stopping
     seed: int = 1337
@@ -559,6 +561,8 @@ def train(cfg, model_overrides, args=None):
     model = build_model(cfg, model_cfg, model_overrides, bert_weights, init_ckpt, bool(ckpt), ctx.master_process)
     del init_ckpt
     model.to(ctx.device)
+    if cfg.channels_last:  # before the optimizers, whose state tensors take their parameters' layout
+        model.to(memory_format=torch.channels_last)
     optimizers = build_optimizers(model, cfg, cfg.task)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=(ctx.amp == "fp16"))
     accum, steps_per_epoch, total_steps = batch_arithmetic(cfg, len(dataset), ctx.world_size)
