@@ -1,0 +1,173 @@
+"""
+Variants of the synthetic world that we measured as fixes for the random-mismatch bar and did not keep (README,
+"Where the objects are lost, measured on the current default"). Each writes a whole world, in the same formats as
+synthetic.py, into a folder of its own; pre-train on it with --data:
+
+    python experiments/world_variants.py --variant patterned --out data/variant-patterned
+    python train.py --data data/variant-patterned --out runs/variant-patterned
+    python experiments/world_variants.py --score runs/variant-patterned/ckpt.pt
+
+    bigger-shapes     radii 28-36 px (small) and 46-58 px (big) instead of 18-26 and 38-52: a shape fills more of
+                      its 64x64 cells, so more of the image shows the objects
+    patterned         every background is also plain, striped or checked, and the caption says which ("on a plain
+                      teal background", "on a teal striped background"): a second property of the whole scene, so
+                      a random caption names the image's own scene one time in 18 instead of one in 6
+    ten-backgrounds   four more background colours (sky, lime, maroon, sand): one time in 10
+
+--score CKPT splits a pre-trained model's held-out mismatched captions (those of diagnose.py's item 6) by what they
+share with the image's own scene: its background colour, and on the patterned world its pattern; only a model that
+compares objects catches those that share both.
+
+The variant is applied only inside `variant(name)`, which restores synthetic.py's settings when it ends; the
+manifest of the written world records it. Probes that draw fresh scenes (diagnose.py items 7, 9 and 10 draw theirs
+from the world's files, item 7 from synthetic.random_scene) see the default world's scenes outside this script.
+"""
+
+import argparse
+import contextlib
+import os
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import synthetic  # noqa: E402
+import train  # noqa: E402
+from diagnose import background_of, heldout_pretrain_batches  # noqa: E402  (experiments/ is this script's folder)
+
+PATTERNS = ("plain", "striped", "checked")
+MORE_BACKGROUNDS = {"sky": (140, 200, 240), "lime": (175, 225, 110), "maroon": (115, 30, 55), "sand": (215, 195, 145)}
+VARIANTS = ("bigger-shapes", "patterned", "ten-backgrounds")
+
+
+def pattern_of(background):
+    """The pattern a patterned scene's background phrase names ("plain teal", "teal striped")."""
+    return next(p for p in PATTERNS if p in background.split())
+
+
+def pattern_mask(height, width, pattern):
+    """[height, width] bool: the pixels a pattern paints in its second shade. Stripes: diagonal, 8 px wide;
+    checks: 16 px squares; plain: none."""
+    y, x = np.mgrid[:height, :width]
+    if pattern == "striped":
+        return ((x + y) // 8) % 2 == 0
+    if pattern == "checked":
+        return ((x // 16) + (y // 16)) % 2 == 0
+    return np.zeros((height, width), bool)
+
+
+def pattern_shade(rgb):
+    """The pattern's second shade: 60 lighter on a dark background, 60 darker on a light one."""
+    step = 60 if sum(rgb) / 3 < 128 else -60
+    return tuple(min(255, max(0, c + step)) for c in rgb)
+
+
+def patterned_scene(plain_scene):
+    """A random_scene that also draws a pattern; its background becomes the phrase captions use."""
+    def random_scene(rng, n_things=None, prefer=()):
+        scene = plain_scene(rng, n_things, prefer)
+        p = rng.choice(PATTERNS)
+        return scene._replace(background=f"plain {scene.background}" if p == "plain" else f"{scene.background} {p}")
+    return random_scene
+
+
+def patterned_render(plain_render):
+    """A render_scene that paints the pattern on the background's pixels (those left in the background colour
+    after the shapes are drawn; the shapes are drawn in other colours, without anti-aliasing)."""
+    def render_scene(scene):
+        pixels = np.array(plain_render(scene))  # [H, W, 3] uint8
+        on_background = (pixels == np.array(scene.bg_rgb, np.uint8)).all(-1)
+        paint = on_background & pattern_mask(*pixels.shape[:2], pattern_of(scene.background))
+        pixels[paint] = pattern_shade(scene.bg_rgb)
+        return Image.fromarray(pixels)
+    return render_scene
+
+
+@contextlib.contextmanager
+def variant(name):
+    """synthetic.py's world changed as `name` says while the block runs; restored afterwards."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown world variant {name!r}: expected one of {', '.join(VARIANTS)}")
+    saved = {k: getattr(synthetic, k) for k in ("SYNTH_SIZES", "SYNTH_BACKGROUNDS", "random_scene", "render_scene")}
+    try:
+        if name == "bigger-shapes":
+            synthetic.SYNTH_SIZES = {"small": (28, 36), "big": (46, 58)}
+        elif name == "ten-backgrounds":
+            synthetic.SYNTH_BACKGROUNDS = {**saved["SYNTH_BACKGROUNDS"], **MORE_BACKGROUNDS}
+        else:
+            synthetic.random_scene = patterned_scene(saved["random_scene"])
+            synthetic.render_scene = patterned_render(saved["render_scene"])
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(synthetic, k, v)
+
+
+def write_variant(name, out, seed=0, n_images=2000):
+    """Write the world of variant `name` into `out` (which must not hold one already); returns the manifest."""
+    if os.path.isdir(out) and os.listdir(out):
+        raise SystemExit(f"{out} is not empty: remove it, or pass another --out")
+    with variant(name):
+        manifest = synthetic.write_synthetic_world(out, seed=seed, n_images=n_images)
+    manifest = {**manifest, "variant": name}
+    data.write_json(os.path.join(out, synthetic.SYNTH_MANIFEST), manifest, indent=1)
+    return manifest
+
+
+def scene_of(text):
+    """(background colour, pattern) that a caption names; None for what it names not exactly once."""
+    words = set(text.lower().replace(".", " ").split())
+    patterns = [p for p in PATTERNS if p in words]
+    return background_of(text), patterns[0] if len(patterns) == 1 else None
+
+
+def kind_of_mismatch(own, other):
+    """How a mismatched caption's scene compares with the image's own: "other colour", "same colour, other
+    pattern", "same colour, same pattern", or "same colour" on a world without patterns."""
+    if own[0] != other[0]:
+        return "other colour"
+    if own[1] is None or other[1] is None:
+        return "same colour"
+    return "same colour, " + ("same pattern" if own[1] == other[1] else "other pattern")
+
+
+@torch.no_grad()
+def mismatches_by_scene(checkpoint, n_images=250):
+    """{kind of mismatch: (held-out ITM accuracy, number of captions)} for a pre-trained checkpoint."""
+    model, ckpt = train.load_model(checkpoint)
+    model.eval()
+    hits = {}
+    for batch in heldout_pretrain_batches(ckpt, model.config, n_images)[1]:
+        correct = model.pretrain_itm_logits(batch).argmax(-1) == batch["itm_label"]
+        for row, text in enumerate(batch["texts"]):
+            own, named = scene_of(batch["texts"][row - row % 4]), scene_of(text)  # row - row % 4: a matched text
+            if batch["itm_label"][row] == 0 and own[0] and named[0]:
+                kind = kind_of_mismatch(own, named)
+                right, n = hits.get(kind, (0, 0))
+                hits[kind] = (right + int(correct[row]), n + 1)
+    return {k: (right / n, n) for k, (right, n) in sorted(hits.items())}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variant", choices=VARIANTS)
+    p.add_argument("--out")
+    p.add_argument("--score", metavar="CKPT", help="split CKPT's held-out mismatches by scene instead")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n_images", type=int, default=2000)
+    args = p.parse_args(argv)
+    if args.score:
+        for kind, (accuracy, n) in mismatches_by_scene(args.score).items():
+            print(f"held-out mismatched captions naming {kind}: caught {accuracy:.3f} ({n} captions)")
+        return
+    if not (args.variant and args.out):
+        p.error("pass --variant and --out to write a world, or --score CKPT")
+    manifest = write_variant(args.variant, os.path.abspath(args.out), args.seed, args.n_images)
+    print(f"wrote the {args.variant} world to {args.out}: {manifest['counts']['coco']} COCO images")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""experiments/world_variants.py: each variant writes the world it describes, and leaves synthetic.py as it was."""
+
+import os
+import random
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import data  # noqa: E402
+import synthetic  # noqa: E402
+import world_variants  # noqa: E402
+
+
+def test_pattern_mask_and_shade_in_a_loop():
+    for pattern in ("striped", "checked", "plain"):
+        mask = world_variants.pattern_mask(40, 56, pattern)
+        for y in range(40):
+            for x in range(56):
+                expected = {"striped": (x + y) // 8 % 2 == 0, "checked": (x // 16 + y // 16) % 2 == 0,
+                            "plain": False}[pattern]
+                assert mask[y, x] == expected
+    assert world_variants.pattern_shade((32, 32, 38)) == (92, 92, 98)  # dark: lighter
+    assert world_variants.pattern_shade((236, 236, 230)) == (176, 176, 170)  # light: darker
+    assert world_variants.pattern_shade((250, 40, 60)) == (255, 100, 120)  # mean 117: lighter, clipped at 255
+    assert world_variants.pattern_shade((250, 200, 40)) == (190, 140, 0)  # mean 163: darker, clipped at 0
+
+
+def test_a_patterned_scene_paints_only_its_background_and_captions_name_the_pattern():
+    with world_variants.variant("patterned"):
+        rng = random.Random(3)
+        scenes = [synthetic.random_scene(rng) for _ in range(30)]
+        captions = [synthetic.synth_captions(s, random.Random(1), 3) for s in scenes]
+        images = [np.array(synthetic.render_scene(s)) for s in scenes]
+    patterns = [world_variants.pattern_of(s.background) for s in scenes]
+    assert set(patterns) == set(world_variants.PATTERNS)
+    for scene, caps, img, pattern in zip(scenes, captions, images, patterns):
+        assert all(f"{scene.background} background" in c for c in caps)
+        plain = np.array(synthetic.render_scene(scene._replace(background="plain")))  # drawn outside the variant
+        changed = (img != plain).any(-1)
+        on_background = (plain == np.array(scene.bg_rgb, np.uint8)).all(-1)
+        assert not (changed & ~on_background).any()  # the shapes are untouched
+        expected = on_background & world_variants.pattern_mask(*img.shape[:2], pattern)
+        assert (changed == expected).all()
+        assert (img[expected] == world_variants.pattern_shade(scene.bg_rgb)).all()
+
+
+@pytest.mark.parametrize("name", world_variants.VARIANTS)
+def test_each_variant_writes_a_readable_world_and_restores_synthetic(tmp_path, name):
+    before = (dict(synthetic.SYNTH_SIZES), dict(synthetic.SYNTH_BACKGROUNDS), synthetic.random_scene,
+              synthetic.render_scene)
+    out = tmp_path / name
+    manifest = world_variants.write_variant(name, str(out), n_images=48)
+    assert (dict(synthetic.SYNTH_SIZES), dict(synthetic.SYNTH_BACKGROUNDS), synthetic.random_scene,
+            synthetic.render_scene) == before
+    assert data.read_json(str(out / synthetic.SYNTH_MANIFEST), "manifest")["variant"] == name == manifest["variant"]
+    records = data.read_json(str(out / "coco" / "dataset_coco.json"), "Karpathy split")["images"]
+    captions = " ".join(s["raw"].lower() for r in records for s in r["sentences"])
+    if name == "patterned":
+        assert all(f"{p} " in captions for p in world_variants.PATTERNS)
+    if name == "ten-backgrounds":
+        assert all(f"{c} background" in captions for c in world_variants.MORE_BACKGROUNDS)
+    with pytest.raises(SystemExit, match="not empty"):
+        world_variants.write_variant(name, str(out), n_images=48)
+
+
+def test_bigger_shapes_are_bigger_inside_the_variant_only():
+    with world_variants.variant("bigger-shapes"):
+        radii = [t.r for _ in range(50) for t in synthetic.random_scene(random.Random(_)).things]
+    assert min(radii) >= 28 and max(radii) <= 58
+    radii = [t.r for _ in range(50) for t in synthetic.random_scene(random.Random(_)).things]
+    assert min(radii) >= 18 and max(radii) <= 52 and min(radii) < 28
+
+
+def test_an_unknown_variant_is_named_in_the_error():
+    with pytest.raises(ValueError, match="'striped'.*bigger-shapes"):
+        with world_variants.variant("striped"):
+            pass
+
+
+def test_a_mismatch_is_told_by_what_it_shares_with_the_scene():
+    own = world_variants.scene_of("A red star on a plain teal background.")
+    assert own == ("teal", "plain")
+    assert world_variants.scene_of("two shapes against a teal striped background") == ("teal", "striped")
+    assert world_variants.scene_of("a red star on a teal background") == ("teal", None)
+    kind = world_variants.kind_of_mismatch
+    assert kind(own, ("pink", "plain")) == "other colour"
+    assert kind(own, ("teal", "checked")) == "same colour, other pattern"
+    assert kind(own, ("teal", "plain")) == "same colour, same pattern"
+    assert kind(("teal", None), ("teal", None)) == "same colour"
