@@ -78,7 +78,8 @@ class TrainConfig:
     grad_clip: float = 10.0  # max gradient norm (0: off), as the official code
     amp: str = "auto"  # bf16 | fp16 | off | auto (bf16 on a GPU that has it, fp16 on older GPUs, off on CPU)
     channels_last: bool = True  # the convolutions in NHWC (torch.channels_last): the same model up to float
-    # rounding, ~10% faster steps on a CPU (oneDNN) and faster on GPU tensor cores (README, "Speed")
+    # rounding, ~8% faster tiny pre-training steps on a 2-core CPU (README, "Two commands"); what PyTorch
+    # recommends for convolutions on GPU tensor cores
     num_workers: int = 2
     skip_bad_images: bool = False  # skip unreadable images (logged and counted) instead of stopping
     seed: int = 1337

@@ -1,6 +1,7 @@
 """Tests of train.py: the command line, the schedule, distributed equivalence, resume exactness, AMP, failures,
 and a few steps of every task on a small synthetic world."""
 
+import json
 import os
 import subprocess
 import sys
@@ -116,6 +117,22 @@ def test_resume_is_exact(world, tmp_path):
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert torch.equal(a["model"]["visual_dictionary.embed"], b["model"]["visual_dictionary.embed"])
+
+
+def test_channels_last_trains_the_same_model(world, tmp_path):
+    """--channels_last (the default) changes the convolutions' memory layout only: the first step's losses agree
+    with a contiguous run up to float rounding, and the convolution weights are really stored channels-last.
+    (Later steps drift apart: AdamW's first steps move every weight by about the rate whatever its gradient's
+    size, so rounding flips the sign of steps on near-zero gradients, and the VD's nearest entries follow.)"""
+    args = ["--max_steps=1", "--batch_per_gpu=4", "--global_batch=4", "--vd_size=32"]
+    run_train(world, tmp_path / "nhwc", *args, "--channels_last=true")
+    run_train(world, tmp_path / "nchw", *args, "--channels_last=false")
+    a = torch.load(tmp_path / "nhwc" / "ckpt.pt", weights_only=False)["model"]["backbone.conv1.weight"]
+    b = torch.load(tmp_path / "nchw" / "ckpt.pt", weights_only=False)["model"]["backbone.conv1.weight"]
+    assert a.is_contiguous(memory_format=torch.channels_last) and not a.is_contiguous() and b.is_contiguous()
+    logged = [json.loads(open(tmp_path / run / "log.jsonl").readline()) for run in ("nhwc", "nchw")]
+    for term in ("mlm", "mvm", "itm", "loss"):
+        assert logged[0][term] == pytest.approx(logged[1][term], rel=1e-5), term
 
 
 def test_checkpoint_holds_everything(world, tmp_path):
