@@ -19,8 +19,9 @@ share with the image's own scene: its background colour, and on the patterned wo
 compares objects catches those that share both.
 
 The variant is applied only inside `variant(name)`, which restores synthetic.py's settings when it ends; the
-manifest of the written world records it. Probes that draw fresh scenes (diagnose.py items 7, 9 and 10 draw theirs
-from the world's files, item 7 from synthetic.random_scene) see the default world's scenes outside this script.
+manifest of the written world records it. diagnose.py reads a checkpoint's own world for its held-out captions and
+images (items 6, 9, 10), but its item 7 and oracle_tokens.py draw fresh scenes from synthetic.random_scene, which
+outside this script are the default world's.
 """
 
 import argparse
@@ -36,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import synthetic  # noqa: E402
 import train  # noqa: E402
-from diagnose import background_of, heldout_pretrain_batches  # noqa: E402  (experiments/ is this script's folder)
+from diagnose import heldout_pretrain_batches  # noqa: E402  (experiments/ is this script's own folder)
 
 PATTERNS = ("plain", "striped", "checked")
 MORE_BACKGROUNDS = {"sky": (140, 200, 240), "lime": (175, 225, 110), "maroon": (115, 30, 55), "sand": (215, 195, 145)}
@@ -118,10 +119,12 @@ def write_variant(name, out, seed=0, n_images=2000):
 
 
 def scene_of(text):
-    """(background colour, pattern) that a caption names; None for what it names not exactly once."""
+    """(background colour, pattern) that a caption names, in any variant's world; None for what it names not
+    exactly once."""
     words = set(text.lower().replace(".", " ").split())
+    colours = [c for c in {**synthetic.SYNTH_BACKGROUNDS, **MORE_BACKGROUNDS} if c in words]
     patterns = [p for p in PATTERNS if p in words]
-    return background_of(text), patterns[0] if len(patterns) == 1 else None
+    return colours[0] if len(colours) == 1 else None, patterns[0] if len(patterns) == 1 else None
 
 
 def kind_of_mismatch(own, other):

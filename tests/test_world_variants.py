@@ -85,6 +85,7 @@ def test_a_mismatch_is_told_by_what_it_shares_with_the_scene():
     assert own == ("teal", "plain")
     assert world_variants.scene_of("two shapes against a teal striped background") == ("teal", "striped")
     assert world_variants.scene_of("a red star on a teal background") == ("teal", None)
+    assert world_variants.scene_of("a red star on a sky background") == ("sky", None)  # ten-backgrounds' colours
     kind = world_variants.kind_of_mismatch
     assert kind(own, ("pink", "plain")) == "other colour"
     assert kind(own, ("teal", "checked")) == "same colour, other pattern"
