@@ -251,18 +251,24 @@ def heldout_pretrain_batches(ckpt, cfg, n_images=250, batch_size=16):
 
 
 @torch.no_grad()
-def mismatches_by_background(model, ckpt, cfg, n_images=250):
-    """Held-out ITM accuracy on mismatched captions that name another background / the image's own."""
-    hits = {"other background": [0, 0], "same background": [0, 0]}
+def mismatches_by(model, ckpt, cfg, kind_of, n_images=250):
+    """Held-out ITM accuracy on mismatched captions, grouped by kind_of(the image's first matched caption, the
+    mismatched caption), a name or None (not counted): {kind: (accuracy, number of captions)}, kinds sorted."""
+    hits = {}
     for batch in heldout_pretrain_batches(ckpt, cfg, n_images)[1]:
         correct = model.pretrain_itm_logits(batch).argmax(-1) == batch["itm_label"]
         for row, text in enumerate(batch["texts"]):
-            own = background_of(batch["texts"][row - row % 4])  # the image's first matched caption
-            if batch["itm_label"][row] == 0 and own and background_of(text):
-                kind = "same background" if background_of(text) == own else "other background"
-                hits[kind][0] += int(correct[row])
-                hits[kind][1] += 1
-    return {k: (c / max(n, 1), n) for k, (c, n) in hits.items()}
+            kind = kind_of(batch["texts"][row - row % 4], text) if batch["itm_label"][row] == 0 else None
+            if kind is not None:
+                right, n = hits.get(kind, (0, 0))
+                hits[kind] = (right + int(correct[row]), n + 1)
+    return {k: (right / n, n) for k, (right, n) in sorted(hits.items())}
+
+
+def background_kind(own_text, text):
+    """"same background" or "other background" than the image's own caption names; None if either names none."""
+    own, named = background_of(own_text), background_of(text)
+    return None if not (own and named) else "same background" if own == named else "other background"
 
 
 def mask_first_of(ids, word_ids, mask_id):
@@ -352,7 +358,7 @@ def main():
               f"(the world has {len(SYNTH_COLORS) * len(SYNTH_SHAPES)} colour-shape kinds and "
               f"{len(synthetic.SYNTH_BACKGROUNDS)} backgrounds)")
 
-    split = mismatches_by_background(model, ckpt, cfg)
+    split = mismatches_by(model, ckpt, cfg, background_kind)
     print("6. held-out mismatched captions caught: " + ", ".join(f"naming {k.split()[0]} background {a:.3f} "
                                                                f"({n} captions)" for k, (a, n) in split.items()))
     cells = cell_colour_probe(model, cfg)

@@ -30,14 +30,13 @@ import os
 import sys
 
 import numpy as np
-import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import synthetic  # noqa: E402
 import train  # noqa: E402
-from diagnose import heldout_pretrain_batches  # noqa: E402  (experiments/ is this script's own folder)
+from diagnose import mismatches_by  # noqa: E402  (experiments/ is this script's own folder)
 
 PATTERNS = ("plain", "striped", "checked")
 MORE_BACKGROUNDS = {"sky": (140, 200, 240), "lime": (175, 225, 110), "maroon": (115, 30, 55), "sand": (215, 195, 145)}
@@ -127,31 +126,18 @@ def scene_of(text):
     return colours[0] if len(colours) == 1 else None, patterns[0] if len(patterns) == 1 else None
 
 
-def kind_of_mismatch(own, other):
-    """How a mismatched caption's scene compares with the image's own: "other colour", "same colour, other
-    pattern", "same colour, same pattern", or "same colour" on a world without patterns."""
+def kind_of_mismatch(own_text, text):
+    """How a mismatched caption's scene compares with the image's own caption's: "other colour", "same colour,
+    other pattern", "same colour, same pattern", or "same colour" on a world without patterns; None if either
+    names no background colour (diagnose.mismatches_by's kind_of)."""
+    own, other = scene_of(own_text), scene_of(text)
+    if own[0] is None or other[0] is None:
+        return None
     if own[0] != other[0]:
         return "other colour"
     if own[1] is None or other[1] is None:
         return "same colour"
     return "same colour, " + ("same pattern" if own[1] == other[1] else "other pattern")
-
-
-@torch.no_grad()
-def mismatches_by_scene(checkpoint, n_images=250):
-    """{kind of mismatch: (held-out ITM accuracy, number of captions)} for a pre-trained checkpoint."""
-    model, ckpt = train.load_model(checkpoint)
-    model.eval()
-    hits = {}
-    for batch in heldout_pretrain_batches(ckpt, model.config, n_images)[1]:
-        correct = model.pretrain_itm_logits(batch).argmax(-1) == batch["itm_label"]
-        for row, text in enumerate(batch["texts"]):
-            own, named = scene_of(batch["texts"][row - row % 4]), scene_of(text)  # row - row % 4: a matched text
-            if batch["itm_label"][row] == 0 and own[0] and named[0]:
-                kind = kind_of_mismatch(own, named)
-                right, n = hits.get(kind, (0, 0))
-                hits[kind] = (right + int(correct[row]), n + 1)
-    return {k: (right / n, n) for k, (right, n) in sorted(hits.items())}
 
 
 def main(argv=None):
@@ -163,7 +149,8 @@ def main(argv=None):
     p.add_argument("--n_images", type=int, default=2000)
     args = p.parse_args(argv)
     if args.score:
-        for kind, (accuracy, n) in mismatches_by_scene(args.score).items():
+        model, ckpt = train.load_model(args.score)
+        for kind, (accuracy, n) in mismatches_by(model.eval(), ckpt, model.config, kind_of_mismatch).items():
             print(f"held-out mismatched captions naming {kind}: caught {accuracy:.3f} ({n} captions)")
         return
     if not (args.variant and args.out):

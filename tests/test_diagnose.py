@@ -97,3 +97,11 @@ def test_mask_first_of_masks_each_rows_first_chosen_word_only():
     assert at.sum().item() == 2 and at[0, 2] and at[1, 1]
     assert targets.tolist() == [5, 8]
     assert ids[0, 2] == 5  # the input is not changed
+
+
+def test_a_mismatch_is_grouped_by_the_background_it_names():
+    own = "A red star on a teal background."
+    assert diagnose.background_kind(own, "two shapes against a teal background") == "same background"
+    assert diagnose.background_kind(own, "on a pink background a blue circle") == "other background"
+    assert diagnose.background_kind(own, "a blue circle") is None
+    assert diagnose.background_kind("a blue circle", own) is None

@@ -87,7 +87,10 @@ def test_a_mismatch_is_told_by_what_it_shares_with_the_scene():
     assert world_variants.scene_of("a red star on a teal background") == ("teal", None)
     assert world_variants.scene_of("a red star on a sky background") == ("sky", None)  # ten-backgrounds' colours
     kind = world_variants.kind_of_mismatch
-    assert kind(own, ("pink", "plain")) == "other colour"
-    assert kind(own, ("teal", "checked")) == "same colour, other pattern"
-    assert kind(own, ("teal", "plain")) == "same colour, same pattern"
-    assert kind(("teal", None), ("teal", None)) == "same colour"
+    assert kind("A red star on a plain teal background.", "two shapes on a plain pink background") == "other colour"
+    assert kind("a red star on a plain teal background", "a star on a teal checked background") == \
+        "same colour, other pattern"
+    assert kind("a red star on a plain teal background", "a circle on a plain teal background") == \
+        "same colour, same pattern"
+    assert kind("a red star on a teal background", "a blue star on a teal background") == "same colour"
+    assert kind("a red star on a teal background", "a blue star") is None
