@@ -251,14 +251,18 @@ def heldout_pretrain_batches(ckpt, cfg, n_images=250, batch_size=16):
 
 
 @torch.no_grad()
-def mismatches_by(model, ckpt, cfg, kind_of, n_images=250):
+def mismatches_by(model, ckpt, cfg, kind_of, n_images=250, image_kind=None):
     """Held-out ITM accuracy on mismatched captions, grouped by kind_of(the image's first matched caption, the
-    mismatched caption), a name or None (not counted): {kind: (accuracy, number of captions)}, kinds sorted."""
+    mismatched caption), a name or None (not counted): {kind: (accuracy, number of captions)}, kinds sorted.
+    image_kind(image id), if given, names the kind of image, and each group is split by it ("close-up, same
+    colour")."""
     hits = {}
     for batch in heldout_pretrain_batches(ckpt, cfg, n_images)[1]:
         correct = model.pretrain_itm_logits(batch).argmax(-1) == batch["itm_label"]
         for row, text in enumerate(batch["texts"]):
             kind = kind_of(batch["texts"][row - row % 4], text) if batch["itm_label"][row] == 0 else None
+            if kind is not None and image_kind is not None:
+                kind = f"{image_kind(batch['image_ids'][row // 4])}, {kind}"
             if kind is not None:
                 right, n = hits.get(kind, (0, 0))
                 hits[kind] = (right + int(correct[row]), n + 1)

@@ -13,6 +13,8 @@ synthetic.py, into a folder of its own; pre-train on it with --data:
                       teal background", "on a teal striped background"): a second property of the whole scene, so
                       a random caption names the image's own scene one time in 18 instead of one in 6
     ten-backgrounds   four more background colours (sky, lime, maroon, sand): one time in 10
+    close-ups         three scenes in ten are one shape of radius 80-110 px that fills much of the image (a
+                      close-up): its colour and kind are a property of the whole image, as the background is
 
 --score CKPT splits a pre-trained model's held-out mismatched captions (those of diagnose.py's item 6) by what they
 share with the image's own scene: its background colour, and on the patterned world its pattern; only a model that
@@ -28,6 +30,7 @@ import argparse
 import contextlib
 import os
 import sys
+import tempfile
 
 import numpy as np
 from PIL import Image
@@ -40,7 +43,8 @@ from diagnose import mismatches_by  # noqa: E402  (experiments/ is this script's
 
 PATTERNS = ("plain", "striped", "checked")
 MORE_BACKGROUNDS = {"sky": (140, 200, 240), "lime": (175, 225, 110), "maroon": (115, 30, 55), "sand": (215, 195, 145)}
-VARIANTS = ("bigger-shapes", "patterned", "ten-backgrounds")
+VARIANTS = ("bigger-shapes", "patterned", "ten-backgrounds", "close-ups")
+CLOSE_UP_SHARE, CLOSE_UP_RADII = 0.3, (80, 110)
 
 
 def pattern_of(background):
@@ -86,6 +90,19 @@ def patterned_render(plain_render):
     return render_scene
 
 
+def close_up_scene(plain_scene):
+    """A random_scene that draws, CLOSE_UP_SHARE of the time (when any number of shapes may be drawn), a single
+    shape with a radius in CLOSE_UP_RADII, placed wholly inside the image."""
+    def random_scene(rng, n_things=None, prefer=()):
+        if n_things not in (None, 1) or rng.random() >= CLOSE_UP_SHARE:
+            return plain_scene(rng, n_things, prefer)
+        scene = plain_scene(rng, 1, prefer)
+        r = rng.randint(*CLOSE_UP_RADII)
+        x, y = rng.randint(r + 4, scene.width - r - 4), rng.randint(r + 4, scene.height - r - 4)
+        return scene._replace(things=(scene.things[0]._replace(size="big", r=r, x=x, y=y),))
+    return random_scene
+
+
 @contextlib.contextmanager
 def variant(name):
     """synthetic.py's world changed as `name` says while the block runs; restored afterwards."""
@@ -97,6 +114,8 @@ def variant(name):
             synthetic.SYNTH_SIZES = {"small": (28, 36), "big": (46, 58)}
         elif name == "ten-backgrounds":
             synthetic.SYNTH_BACKGROUNDS = {**saved["SYNTH_BACKGROUNDS"], **MORE_BACKGROUNDS}
+        elif name == "close-ups":
+            synthetic.random_scene = close_up_scene(saved["random_scene"])
         else:
             synthetic.random_scene = patterned_scene(saved["random_scene"])
             synthetic.render_scene = patterned_render(saved["render_scene"])
@@ -115,6 +134,35 @@ def write_variant(name, out, seed=0, n_images=2000):
     manifest = {**manifest, "variant": name}
     data.write_json(os.path.join(out, synthetic.SYNTH_MANIFEST), manifest, indent=1)
     return manifest
+
+
+def coco_scenes(name, seed=0, n_images=2000):
+    """{COCO id: scene} of the COCO images in the world that write_variant(name, ..., seed, n_images) writes. The
+    world is a function of its seed, so it is written again into a temporary folder, noting each scene drawn."""
+    drawn, scenes = [], {}
+    render, save = synthetic.render_scene, synthetic._save
+
+    def noting_render(scene):
+        drawn.append(scene)
+        return render(scene)
+
+    def noting_save(image, path, *fmt):
+        stem = os.path.splitext(os.path.basename(path))[0]
+        if stem.startswith("COCO_"):  # COCO_train2014_000000000408
+            scenes[int(stem.rsplit("_", 1)[1])] = drawn[-1]
+        return save(image, path, *fmt)
+
+    with tempfile.TemporaryDirectory() as tmp, variant(name):
+        synthetic.render_scene, synthetic._save = noting_render, noting_save
+        try:
+            synthetic.write_synthetic_world(tmp, seed=seed, n_images=n_images)
+        finally:
+            synthetic.render_scene, synthetic._save = render, save
+    return scenes
+
+
+def is_close_up(scene):
+    return len(scene.things) == 1 and scene.things[0].r >= CLOSE_UP_RADII[0]
 
 
 def scene_of(text):
@@ -150,8 +198,16 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.score:
         model, ckpt = train.load_model(args.score)
-        for kind, (accuracy, n) in mismatches_by(model.eval(), ckpt, model.config, kind_of_mismatch).items():
-            print(f"held-out mismatched captions naming {kind}: caught {accuracy:.3f} ({n} captions)")
+        world = data.read_json(os.path.join(ckpt["data_root"], synthetic.SYNTH_MANIFEST), "world manifest")
+        image_kind = None
+        if world.get("variant") == "close-ups":  # split by the kind of image too
+            scenes = coco_scenes("close-ups", world["seed"], world["n_images"])
+
+            def image_kind(image_id):  # pre-training's held-out images are "coco:<id>"
+                return "close-up" if is_close_up(scenes[int(image_id.split(":")[1])]) else "other image"
+        for kind, (accuracy, n) in mismatches_by(model.eval(), ckpt, model.config, kind_of_mismatch,
+                                                 image_kind=image_kind).items():
+            print(f"held-out mismatched captions ({kind}): caught {accuracy:.3f} ({n} captions)")
         return
     if not (args.variant and args.out):
         p.error("pass --variant and --out to write a world, or --score CKPT")

@@ -105,3 +105,24 @@ def test_a_mismatch_is_grouped_by_the_background_it_names():
     assert diagnose.background_kind(own, "on a pink background a blue circle") == "other background"
     assert diagnose.background_kind(own, "a blue circle") is None
     assert diagnose.background_kind("a blue circle", own) is None
+
+
+def test_mismatches_are_split_by_the_kind_of_image(world):
+    """mismatches_by with image_kind: the same mismatched captions, each group split by its image's kind."""
+    class SaysMismatchedAlways:
+        def pretrain_itm_logits(self, batch):
+            return torch.tensor([[1.0, 0.0]]).repeat(len(batch["texts"]), 1)  # class 0: mismatched
+
+    cfg = soho.PRESETS["tiny"]
+    ckpt = {"vocab_path": os.path.join(world, "vocab.txt"), "data_root": world}
+    plain = diagnose.mismatches_by(SaysMismatchedAlways(), ckpt, cfg, diagnose.background_kind, n_images=32)
+
+    def parity(image_id):  # "coco:<id>"
+        return "even id" if int(image_id.split(":")[1]) % 2 == 0 else "odd id"
+
+    split = diagnose.mismatches_by(SaysMismatchedAlways(), ckpt, cfg, diagnose.background_kind, n_images=32,
+                                   image_kind=parity)
+    assert plain and all(accuracy == 1.0 for accuracy, _ in [*plain.values(), *split.values()])
+    assert {k.split(", ")[0] for k in split} == {"even id", "odd id"}
+    for kind, (_, n) in plain.items():
+        assert sum(m for k, (_, m) in split.items() if k.split(", ")[1] == kind) == n

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
@@ -72,6 +73,33 @@ def test_bigger_shapes_are_bigger_inside_the_variant_only():
     assert min(radii) >= 28 and max(radii) <= 58
     radii = [t.r for _ in range(50) for t in synthetic.random_scene(random.Random(_)).things]
     assert min(radii) >= 18 and max(radii) <= 52 and min(radii) < 28
+
+
+def test_close_ups_are_one_large_shape_inside_the_image_about_three_times_in_ten():
+    with world_variants.variant("close-ups"):
+        scenes = [synthetic.random_scene(random.Random(i)) for i in range(400)]
+        pairs = [synthetic.random_scene(random.Random(i), n_things=2) for i in range(50)]  # asked for two: two
+    lo, hi = world_variants.CLOSE_UP_RADII
+    close = [s for s in scenes if any(t.r >= lo for t in s.things)]
+    assert all(len(s.things) == 1 and lo <= s.things[0].r <= hi for s in close)
+    for s in close:
+        t = s.things[0]
+        assert t.r + 4 <= t.x <= s.width - t.r - 4 and t.r + 4 <= t.y <= s.height - t.r - 4
+    assert 0.25 < len(close) / len(scenes) < 0.35  # CLOSE_UP_SHARE = 0.3
+    assert all(len(s.things) == 2 for s in pairs)
+    assert not any(t.r >= lo for i in range(100) for t in synthetic.random_scene(random.Random(i)).things)
+
+
+def test_coco_scenes_are_the_scenes_of_the_written_images(tmp_path):
+    world_variants.write_variant("close-ups", str(tmp_path), n_images=48)
+    scenes = world_variants.coco_scenes("close-ups", seed=0, n_images=48)
+    records = data.read_json(str(tmp_path / "coco" / "dataset_coco.json"), "Karpathy split")["images"]
+    assert {r["cocoid"] for r in records} <= set(scenes)  # (and the test2015 images)
+    assert any(world_variants.is_close_up(s) for s in scenes.values())
+    for r in records:
+        written = np.array(Image.open(tmp_path / "coco" / r["filepath"] / r["filename"]).convert("RGB"), np.float32)
+        drawn = np.array(synthetic.render_scene(scenes[r["cocoid"]]), np.float32)
+        assert written.shape == drawn.shape and np.abs(written - drawn).mean() < 3  # JPEG at quality 90
 
 
 def test_an_unknown_variant_is_named_in_the_error():
