@@ -18,7 +18,8 @@ synthetic.py, into a folder of its own; pre-train on it with --data:
 
 --score CKPT splits a pre-trained model's held-out mismatched captions (those of diagnose.py's item 6) by what they
 share with the image's own scene: its background colour, and on the patterned world its pattern; only a model that
-compares objects catches those that share both.
+compares objects catches those that share both. On the close-ups world each group is also split by
+whether the image is a close-up (the world's scenes are drawn again from its seed: coco_scenes).
 
 The variant is applied only inside `variant(name)`, which restores synthetic.py's settings when it ends; the
 manifest of the written world records it. diagnose.py reads a checkpoint's own world for its held-out captions and
@@ -162,6 +163,7 @@ def coco_scenes(name, seed=0, n_images=2000):
 
 
 def is_close_up(scene):
+    """Whether a scene is a close-up of the close-ups variant (one shape, of a close-up's radius)."""
     return len(scene.things) == 1 and scene.things[0].r >= CLOSE_UP_RADII[0]
 
 
