@@ -4,7 +4,7 @@ the image?").
 
     python experiments/oracle_tokens.py [--steps 1515] [--num_layers 2] [--lr 1e-3] [--itm_weight 1]
                                         [--mlm_prob 0.15] [--same_background] [--itm_on_clean_text]
-                                        [--seed 0]
+                                        [--tokens perfect|cell-pixels] [--seed 0]
 
 The synthetic world's scenes are known exactly, so the ResNet and the VD can be replaced by perfect tokens: each
 64x64 cell of a scene becomes a learned embedding of its background plus, for every shape reaching into the cell,
@@ -16,6 +16,11 @@ that name another background or the scene's own, and MLM on a masked object colo
 tokens, another scene's and none (does MLM read the objects?). A mismatch that names the scene's own background
 can be caught only by its objects: if perfect tokens leave those uncaught in the pre-training budget (1,515
 steps), objects are lost in the transformer, not in the ResNet or the VD.
+
+--tokens cell-pixels replaces the perfect tokens with a visual encoder far simpler than the ResNet, learned with
+the transformer: a small MLP (48 -> 256 -> hidden) over each cell's sixteen 16x16 block-mean colours (the pixels
+that diagnose.py's item 7 probes), on the scenes rendered as data.py prepares images. Between the two: does a
+learned encoder of the same pixels give the transformer what perfect tokens give it?
 """
 
 import argparse
@@ -32,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import soho  # noqa: E402
 import synthetic  # noqa: E402
-from diagnose import mask_first_of  # noqa: E402  (experiments/ is this script's own folder)
+from diagnose import cell_pixels, mask_first_of  # noqa: E402  (experiments/ is this script's own folder)
 from synthetic import SYNTH_BACKGROUNDS, SYNTH_COLORS, SYNTH_SHAPES  # noqa: E402
 
 BACKGROUNDS, COLOURS, SHAPES = sorted(SYNTH_BACKGROUNDS), sorted(SYNTH_COLORS), list(SYNTH_SHAPES)
@@ -64,6 +69,24 @@ class OracleTokens(nn.Module):
                         x = x + self.colour.weight[COLOURS.index(t.color)] + self.shape.weight[SHAPES.index(t.shape)]
                     features[b, i] = x
         return features, valid, (gh, gw)
+
+
+class CellPixelTokens(nn.Module):
+    """A scene's cells as features [B, l, c]: an MLP over each 64x64 cell's sixteen 16x16 block-mean colours, of
+    the scene rendered and resized as data.py prepares images (the tiny preset's 256-384 px)."""
+
+    def __init__(self, dim, hidden=256, image_short=256, image_long=384):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(48, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+        self.image_short, self.image_long = image_short, image_long
+
+    def forward(self, scenes):
+        images, image_mask = synthetic.scene_batch(scenes, self.image_short, self.image_long)
+        H, W = images.shape[-2:]
+        gh, gw = math.ceil(H / CELL), math.ceil(W / CELL)
+        real = F.pad(image_mask.float()[:, None], (0, CELL * gw - W, 0, CELL * gh - H))  # [B, 1, gh*64, gw*64]
+        valid = F.max_pool2d(real, CELL).flatten(1) > 0  # [B, gh * gw]: cells with any real pixel
+        return self.mlp(cell_pixels(images, (gh, gw))), valid, (gh, gw)
 
 
 def batch_of(scenes, captions, tok, rng, mlm_prob, same_background=False):
@@ -142,6 +165,8 @@ def main(argv=None):
                    "the same background (as --itm_negatives=subject); held-out scoring stays random")
     p.add_argument("--itm_on_clean_text", action="store_true", help="score ITM in a second pass on unmasked texts "
                    "(MLM keeps the masked pass) instead of on the masked texts of the one pass")
+    p.add_argument("--tokens", choices=("perfect", "cell-pixels"), default="perfect",
+                   help="perfect: learned embeddings of what each cell holds; cell-pixels: an MLP over its pixels")
     p.add_argument("--eval_every", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocab", default=os.path.join(synthetic.default_data_root(), "vocab.txt"))
@@ -151,13 +176,14 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     cfg = soho.config_from_preset("tiny", num_layers=args.num_layers, use_vd=False)
     tok = data.Tokenizer.from_vocab(args.vocab, cfg.max_text_len)
-    model, oracle = soho.SOHO(cfg), OracleTokens(cfg.hidden_size)
+    model = soho.SOHO(cfg)
+    oracle = (OracleTokens if args.tokens == "perfect" else CellPixelTokens)(cfg.hidden_size)
     params = [*model.transformer.parameters(), *model.visual_norm.parameters(), *model.mlm_transform.parameters(),
               model.mlm_bias, *model.itm_head.parameters(), *oracle.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     rng = random.Random(f"oracle/train/{args.seed}")
     held_out = fresh(random.Random("oracle/held-out"), 256)
-    print(f"oracle tokens | {args.num_layers} layers | lr {args.lr} | itm weight {args.itm_weight} | "
+    print(f"{args.tokens} tokens | {args.num_layers} layers | lr {args.lr} | itm weight {args.itm_weight} | "
           f"mlm_prob {args.mlm_prob} | same-background negatives {args.same_background} | "
           f"ITM on clean texts {args.itm_on_clean_text} | seed {args.seed}")
     for step in range(1, args.steps + 1):

@@ -33,3 +33,21 @@ def test_a_short_run_scores_matched_both_kinds_of_mismatch_and_colour_mlm(world)
     assert set(scores) == {"matched", "other background", "same background", "colour MLM own", "colour MLM other",
                            "colour MLM none"}
     assert all(0.0 <= v <= 1.0 for v in scores.values())
+
+
+def test_cell_pixel_tokens_are_an_mlp_of_each_cells_block_colours():
+    scene = synthetic.Scene(320, 256, "teal", (40, 130, 130), ())
+    tokens = oracle_tokens.CellPixelTokens(8)
+    features, valid, grid = tokens([scene, scene._replace(width=256)])
+    assert grid == (4, 5) and features.shape == (2, 20, 8)
+    assert valid[0].all() and valid[1].view(4, 5)[:, :4].all() and not valid[1].view(4, 5)[:, 4].any()
+    images, _ = synthetic.scene_batch([scene], 256, 384)
+    block = images[0, :, :16, :16].mean((1, 2))  # a plain teal image: every block is the same colour
+    torch.testing.assert_close(features[0, 7], tokens.mlp(block.repeat_interleave(16)), atol=1e-5, rtol=1e-5)
+
+
+def test_a_short_run_on_cell_pixels_scores_the_same_things(world):
+    scores = oracle_tokens.main(["--steps", "2", "--eval_every", "2", "--tokens", "cell-pixels",
+                                 "--vocab", os.path.join(world, "vocab.txt")])
+    assert set(scores) == {"matched", "other background", "same background", "colour MLM own", "colour MLM other",
+                           "colour MLM none"}
