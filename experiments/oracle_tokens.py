@@ -45,13 +45,18 @@ CELL = 64  # the token stride of Eq. 1
 
 
 class OracleTokens(nn.Module):
-    """A scene's cells as features [B, l, c]: background + the colour and kind of each shape reaching the cell."""
+    """A scene's cells as features [B, l, c]: background + the colour and kind of each shape reaching the cell.
+    object_scale multiplies the colour and kind embeddings at initialisation (N(0, object_scale^2) instead of
+    N(0, 1), the background's): how loud a shape is in its cell's token, against its background."""
 
-    def __init__(self, dim):
+    def __init__(self, dim, object_scale=1.0):
         super().__init__()
         self.background = nn.Embedding(len(BACKGROUNDS), dim)
         self.colour = nn.Embedding(len(COLOURS), dim)
         self.shape = nn.Embedding(len(SHAPES), dim)
+        with torch.no_grad():
+            self.colour.weight.mul_(object_scale)
+            self.shape.weight.mul_(object_scale)
 
     def forward(self, scenes):
         gh = max(math.ceil(s.height / CELL) for s in scenes)
@@ -167,6 +172,8 @@ def main(argv=None):
                    "(MLM keeps the masked pass) instead of on the masked texts of the one pass")
     p.add_argument("--tokens", choices=("perfect", "cell-pixels"), default="perfect",
                    help="perfect: learned embeddings of what each cell holds; cell-pixels: an MLP over its pixels")
+    p.add_argument("--object_scale", type=float, default=1.0, help="perfect tokens: the shapes' embeddings start "
+                   "at this scale against the background's (1: the same)")
     p.add_argument("--eval_every", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocab", default=os.path.join(synthetic.default_data_root(), "vocab.txt"))
@@ -177,7 +184,10 @@ def main(argv=None):
     cfg = soho.config_from_preset("tiny", num_layers=args.num_layers, use_vd=False)
     tok = data.Tokenizer.from_vocab(args.vocab, cfg.max_text_len)
     model = soho.SOHO(cfg)
-    oracle = (OracleTokens if args.tokens == "perfect" else CellPixelTokens)(cfg.hidden_size)
+    if args.tokens == "perfect":
+        oracle = OracleTokens(cfg.hidden_size, args.object_scale)
+    else:
+        oracle = CellPixelTokens(cfg.hidden_size)
     params = [*model.transformer.parameters(), *model.visual_norm.parameters(), *model.mlm_transform.parameters(),
               model.mlm_bias, *model.itm_head.parameters(), *oracle.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
@@ -185,7 +195,7 @@ def main(argv=None):
     held_out = fresh(random.Random("oracle/held-out"), 256)
     print(f"{args.tokens} tokens | {args.num_layers} layers | lr {args.lr} | itm weight {args.itm_weight} | "
           f"mlm_prob {args.mlm_prob} | same-background negatives {args.same_background} | "
-          f"ITM on clean texts {args.itm_on_clean_text} | seed {args.seed}")
+          f"ITM on clean texts {args.itm_on_clean_text} | object scale {args.object_scale} | seed {args.seed}")
     for step in range(1, args.steps + 1):
         for group in opt.param_groups:  # the tiny recipe's warm-up: 50 steps from 1/3 of the rate
             group["lr"] = args.lr * min(1.0, 1 / 3 + (2 / 3) * step / 50)

@@ -51,3 +51,13 @@ def test_a_short_run_on_cell_pixels_scores_the_same_things(world):
                                  "--vocab", os.path.join(world, "vocab.txt")])
     assert set(scores) == {"matched", "other background", "same background", "colour MLM own", "colour MLM other",
                            "colour MLM none"}
+
+
+def test_object_scale_scales_the_shapes_embeddings_only():
+    torch.manual_seed(0)
+    plain = oracle_tokens.OracleTokens(8)
+    torch.manual_seed(0)
+    quiet = oracle_tokens.OracleTokens(8, object_scale=0.2)
+    assert torch.equal(plain.background.weight, quiet.background.weight)
+    torch.testing.assert_close(quiet.colour.weight, 0.2 * plain.colour.weight)
+    torch.testing.assert_close(quiet.shape.weight, 0.2 * plain.shape.weight)
