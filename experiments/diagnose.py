@@ -136,13 +136,14 @@ def cell_colours(scene, r, c):
     return [float(k in hit) for k in sorted(SYNTH_COLORS)]
 
 
-def cell_pixels(images, grid):
-    """[B, gh * gw, 48]: each 64x64 cell of the token grid as the mean colour of its sixteen 16x16 blocks (3 x 4 x
-    4 numbers, channel first, then block row, then block column), images padded with zeros to whole cells."""
+def cell_pixels(images, grid, cell=64):
+    """[B, gh * gw, 48]: each cell x cell square of the token grid (64: Eq. 1's) as the mean colour of its sixteen
+    (cell/4)x(cell/4) blocks (3 x 4 x 4 numbers, channel first, then block row, then block column), images padded
+    with zeros to whole cells."""
     gh, gw = grid
     B, _, H, W = images.shape
-    padded = F.pad(images, (0, 64 * gw - W, 0, 64 * gh - H))  # a 288-pixel side is 5 cells, the last half empty
-    blocks = F.avg_pool2d(padded, 16)  # [B, 3, 4 gh, 4 gw]
+    padded = F.pad(images, (0, cell * gw - W, 0, cell * gh - H))  # a 288-pixel side is 5 cells, the last half empty
+    blocks = F.avg_pool2d(padded, cell // 4)  # [B, 3, 4 gh, 4 gw]
     return blocks.view(B, 3, gh, 4, gw, 4).permute(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, 48)
 
 

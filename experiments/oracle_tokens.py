@@ -80,18 +80,19 @@ class CellPixelTokens(nn.Module):
     """A scene's cells as features [B, l, c]: an MLP over each 64x64 cell's sixteen 16x16 block-mean colours, of
     the scene rendered and resized as data.py prepares images (the tiny preset's 256-384 px)."""
 
-    def __init__(self, dim, hidden=256, image_short=256, image_long=384):
+    def __init__(self, dim, hidden=256, image_short=256, image_long=384, cell=CELL):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(48, hidden), nn.ReLU(), nn.Linear(hidden, dim))
-        self.image_short, self.image_long = image_short, image_long
+        self.image_short, self.image_long, self.cell = image_short, image_long, cell
 
     def forward(self, scenes):
         images, image_mask = synthetic.scene_batch(scenes, self.image_short, self.image_long)
         H, W = images.shape[-2:]
-        gh, gw = math.ceil(H / CELL), math.ceil(W / CELL)
-        real = F.pad(image_mask.float()[:, None], (0, CELL * gw - W, 0, CELL * gh - H))  # [B, 1, gh*64, gw*64]
-        valid = F.max_pool2d(real, CELL).flatten(1) > 0  # [B, gh * gw]: cells with any real pixel
-        return self.mlp(cell_pixels(images, (gh, gw))), valid, (gh, gw)
+        k = self.cell
+        gh, gw = math.ceil(H / k), math.ceil(W / k)
+        real = F.pad(image_mask.float()[:, None], (0, k * gw - W, 0, k * gh - H))  # [B, 1, gh * k, gw * k]
+        valid = F.max_pool2d(real, k).flatten(1) > 0  # [B, gh * gw]: cells with any real pixel
+        return self.mlp(cell_pixels(images, (gh, gw), k)), valid, (gh, gw)
 
 
 def batch_of(scenes, captions, tok, rng, mlm_prob, same_background=False):
@@ -172,6 +173,8 @@ def main(argv=None):
                    "(MLM keeps the masked pass) instead of on the masked texts of the one pass")
     p.add_argument("--tokens", choices=("perfect", "cell-pixels"), default="perfect",
                    help="perfect: learned embeddings of what each cell holds; cell-pixels: an MLP over its pixels")
+    p.add_argument("--cell", type=int, default=CELL, help="cell-pixels tokens: the side of a token's cell in "
+                   "pixels (64: Eq. 1's stride; 32: a grid four times as fine)")
     p.add_argument("--object_scale", type=float, default=1.0, help="perfect tokens: the shapes' embeddings start "
                    "at this scale against the background's (1: the same)")
     p.add_argument("--eval_every", type=int, default=250)
@@ -187,7 +190,7 @@ def main(argv=None):
     if args.tokens == "perfect":
         oracle = OracleTokens(cfg.hidden_size, args.object_scale)
     else:
-        oracle = CellPixelTokens(cfg.hidden_size)
+        oracle = CellPixelTokens(cfg.hidden_size, cell=args.cell)
     params = [*model.transformer.parameters(), *model.visual_norm.parameters(), *model.mlm_transform.parameters(),
               model.mlm_bias, *model.itm_head.parameters(), *oracle.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
@@ -195,7 +198,7 @@ def main(argv=None):
     held_out = fresh(random.Random("oracle/held-out"), 256)
     print(f"{args.tokens} tokens | {args.num_layers} layers | lr {args.lr} | itm weight {args.itm_weight} | "
           f"mlm_prob {args.mlm_prob} | same-background negatives {args.same_background} | "
-          f"ITM on clean texts {args.itm_on_clean_text} | object scale {args.object_scale} | seed {args.seed}")
+          f"ITM on clean texts {args.itm_on_clean_text} | object scale {args.object_scale} | cell {args.cell} px | seed {args.seed}")
     for step in range(1, args.steps + 1):
         for group in opt.param_groups:  # the tiny recipe's warm-up: 50 steps from 1/3 of the rate
             group["lr"] = args.lr * min(1.0, 1 / 3 + (2 / 3) * step / 50)

@@ -68,24 +68,26 @@ def test_grounded_mlm_masks_only_the_chosen_word_and_swaps_only_the_image(world,
         assert not torch.equal(own_vis, other_vis)
 
 
-def test_cell_pixels_are_each_cells_block_means_in_a_loop():
-    """Item 7's reference: every cell of the token grid as the mean colour of its 16x16 blocks, a side that is
-    not a whole number of cells (288 = 4.5 x 64) padded with zeros, against a loop over cells and blocks."""
+@pytest.mark.parametrize("cell", [64, 32])
+def test_cell_pixels_are_each_cells_block_means_in_a_loop(cell):
+    """Item 7's reference: every cell of the token grid as the mean colour of its 16 blocks, a side that is not a
+    whole number of cells (288 = 4.5 x 64) padded with zeros, against a loop over cells and blocks."""
     g = torch.Generator().manual_seed(0)
     images = torch.rand(2, 3, 288, 256, generator=g, dtype=torch.float64)
-    got = diagnose.cell_pixels(images, (5, 4))
-    assert got.shape == (2, 20, 48)
-    padded = torch.zeros(2, 3, 320, 256, dtype=torch.float64)
+    gh, gw, b_px = -(-288 // cell), 256 // cell, cell // 4
+    got = diagnose.cell_pixels(images, (gh, gw), cell)
+    assert got.shape == (2, gh * gw, 48)
+    padded = torch.zeros(2, 3, gh * cell, 256, dtype=torch.float64)
     padded[:, :, :288] = images
     for b in range(2):
-        for r in range(5):
-            for c in range(4):
+        for r in range(gh):
+            for c in range(gw):
                 for ch in range(3):
                     for i in range(4):
                         for j in range(4):
-                            y, x = 64 * r + 16 * i, 64 * c + 16 * j
-                            want = padded[b, ch, y:y + 16, x:x + 16].mean()
-                            assert torch.isclose(got[b, r * 4 + c, ch * 16 + i * 4 + j], want)
+                            y, x = cell * r + b_px * i, cell * c + b_px * j
+                            want = padded[b, ch, y:y + b_px, x:x + b_px].mean()
+                            assert torch.isclose(got[b, r * gw + c, ch * 16 + i * 4 + j], want)
 
 
 def test_mask_first_of_masks_each_rows_first_chosen_word_only():

@@ -44,6 +44,8 @@ def test_cell_pixel_tokens_are_an_mlp_of_each_cells_block_colours():
     images, _ = synthetic.scene_batch([scene], 256, 384)
     block = images[0, :, :16, :16].mean((1, 2))  # a plain teal image: every block is the same colour
     torch.testing.assert_close(features[0, 7], tokens.mlp(block.repeat_interleave(16)), atol=1e-5, rtol=1e-5)
+    fine, fine_valid, fine_grid = oracle_tokens.CellPixelTokens(8, cell=32)([scene])
+    assert fine_grid == (8, 10) and fine.shape == (1, 80, 8) and fine_valid.all()
 
 
 def test_a_short_run_on_cell_pixels_scores_the_same_things(world):
