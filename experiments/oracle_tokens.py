@@ -4,7 +4,8 @@ the image?").
 
     python experiments/oracle_tokens.py [--steps 1515] [--num_layers 2] [--lr 1e-3] [--itm_weight 1]
                                         [--mlm_prob 0.15] [--same_background] [--itm_on_clean_text]
-                                        [--tokens perfect|cell-pixels] [--seed 0]
+                                        [--tokens perfect|cell-pixels] [--cell 64] [--object_scale 1]
+                                        [--seed 0]
 
 The synthetic world's scenes are known exactly, so the ResNet and the VD can be replaced by perfect tokens: each
 64x64 cell of a scene becomes a learned embedding of its background plus, for every shape reaching into the cell,
@@ -77,8 +78,9 @@ class OracleTokens(nn.Module):
 
 
 class CellPixelTokens(nn.Module):
-    """A scene's cells as features [B, l, c]: an MLP over each 64x64 cell's sixteen 16x16 block-mean colours, of
-    the scene rendered and resized as data.py prepares images (the tiny preset's 256-384 px)."""
+    """A scene's cells as features [B, l, c]: an MLP over each cell's sixteen block-mean colours (64x64 cells of
+    16x16 blocks by default), of the scene rendered and resized as data.py prepares images (the tiny preset's
+    256-384 px)."""
 
     def __init__(self, dim, hidden=256, image_short=256, image_long=384, cell=CELL):
         super().__init__()
@@ -198,7 +200,8 @@ def main(argv=None):
     held_out = fresh(random.Random("oracle/held-out"), 256)
     print(f"{args.tokens} tokens | {args.num_layers} layers | lr {args.lr} | itm weight {args.itm_weight} | "
           f"mlm_prob {args.mlm_prob} | same-background negatives {args.same_background} | "
-          f"ITM on clean texts {args.itm_on_clean_text} | object scale {args.object_scale} | cell {args.cell} px | seed {args.seed}")
+          f"ITM on clean texts {args.itm_on_clean_text} | object scale {args.object_scale} | cell {args.cell} px | "
+          f"seed {args.seed}")
     for step in range(1, args.steps + 1):
         for group in opt.param_groups:  # the tiny recipe's warm-up: 50 steps from 1/3 of the rate
             group["lr"] = args.lr * min(1.0, 1 / 3 + (2 / 3) * step / 50)
