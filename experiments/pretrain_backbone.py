@@ -57,10 +57,8 @@ def cell_losses(backbone, head, scenes, cfg):
     """(BCE of the cells' colours and kinds, CE of the background, balanced accuracy of the cells' labels at
     0.5: the mean of the shares of present and of absent labels said right)."""
     images, image_mask = synthetic.scene_batch(scenes, cfg.image_short, cfg.image_long)
-    features = F.max_pool2d(backbone(images), kernel_size=2, stride=2, ceil_mode=True)  # [B, C, gh, gw]
-    valid = F.max_pool2d(image_mask[:, None].float(), kernel_size=64, stride=64, ceil_mode=True).flatten(1) > 0
-    grid = features.shape[-2:]
-    cells = features.flatten(2).transpose(1, 2)  # [B, gh * gw, C]
+    # Eq. 1's grid without its 1x1 projection: the ResNet's last stage, 2x2 max-pooled, one row per 64x64 cell
+    cells, valid, grid = soho.encode(images, image_mask, backbone, nn.Identity())  # [B, l, C], [B, l]
     logits = head(cells)  # [B, l, 6 + 11]
     labels = cell_labels(scenes, grid)
     objects = F.binary_cross_entropy_with_logits(logits[..., 6:][valid], labels[valid])
