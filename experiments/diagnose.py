@@ -27,6 +27,10 @@ Each line answers one suspected cause with a number, on held-out data:
    has tied the word to the pixels is right with its own image and wrong with another's.
 10. the same for the first object colour a matched caption names ("red" in "a red circle ..."): a model that sees
    objects is right more often with its own image than with none.
+11. loudness: each cell's features and tokens fitted, by least squares, as a sum of one vector for its background
+   and one per colour and kind of shape in it (perfect tokens are exactly that): how far apart the colours' vectors
+   lie against how far apart the backgrounds' do, and against the residual. Perfect tokens whose colours lie
+   0.45 as far apart as their backgrounds are not read in 1,000 steps (oracle_tokens.py --object_scale 0.45).
 With --init the same model is measured at its initialisation (same seed and config), to tell what training did.
 """
 
@@ -148,29 +152,75 @@ def cell_pixels(images, grid, cell=64):
 
 
 @torch.no_grad()
+def cell_rows(model, cfg, sc, batch_size=50):
+    """Every valid 64x64 cell of the scenes `sc`, one row each: ({"pixels", "features", "tokens": [N, *]}, [(scene,
+    grid row, grid column)]), with pixels as cell_pixels, features the output of Eq. 1 and tokens what enters the
+    transformer in pre-training."""
+    rows, where = {"pixels": [], "features": [], "tokens": []}, []
+    for start in range(0, len(sc), batch_size):
+        batch = sc[start:start + batch_size]
+        images, mask = synthetic.scene_batch(batch, cfg.image_short, cfg.image_long)
+        V, valid, (gh, gw) = model.encode(images, mask)
+        tokens, _ = model.pretrain_visual_tokens(images, mask)
+        rows["pixels"].append(cell_pixels(images, (gh, gw))[valid])
+        rows["features"].append(V[valid])
+        rows["tokens"].append(tokens[valid])
+        where += [(s, i // gw, i % gw) for b, s in enumerate(batch) for i in range(gh * gw) if valid[b, i]]
+    return {k: torch.cat(v) for k, v in rows.items()}, where
+
+
+@torch.no_grad()
 def cell_colour_probe(model, cfg, n_train=400, n_test=200):
     """Per token: can a probe read which colours lie in its own 64x64 cell, from the cell's pixels (its mean colour
     in each 16x16 block: 48 numbers, the reference), from the features (Eq. 1), and from the tokens that enter the
     transformer? {(probe, input): balanced accuracy, chance 0.5}, for a linear probe and a small MLP."""
     parts = {}
     for part, n in (("train", n_train), ("test", n_test)):
-        sc, feats, labels = scenes(n, f"cells/{part}"), {"pixels": [], "features": [], "tokens": []}, []
-        for start in range(0, n, 50):
-            batch = sc[start:start + 50]
-            images, mask = synthetic.scene_batch(batch, cfg.image_short, cfg.image_long)
-            V, valid, (gh, gw) = model.encode(images, mask)
-            tokens, _ = model.pretrain_visual_tokens(images, mask)
-            feats["pixels"].append(cell_pixels(images, (gh, gw))[valid])
-            feats["features"].append(V[valid])
-            feats["tokens"].append(tokens[valid])
-            labels += [cell_colours(s, i // gw, i % gw) for b, s in enumerate(batch) for i in range(gh * gw)
-                       if valid[b, i]]
-        parts[part] = ({k: torch.cat(v) for k, v in feats.items()}, torch.tensor(labels))
+        rows, where = cell_rows(model, cfg, scenes(n, f"cells/{part}"))
+        parts[part] = (rows, torch.tensor([cell_colours(s, r, c) for s, r, c in where]))
     (x_train, y_train), (x_test, y_test) = parts["train"], parts["test"]
     with torch.enable_grad():
         return {(name, k): probe(x_train[k], y_train, x_test[k], y_test)
                 for name, probe in (("linear", lambda *a: linear_probe(*a, balanced=True)), ("MLP", mlp_probe))
                 for k in x_train}
+
+
+def loudness(x, background, colours, kinds):
+    """How loud each part of a cell is in its vector: least squares of x [N, C] on what the cell holds,
+
+        x_n ~ B_bg[background_n] + sum_c colours[n, c] B_colour[c] + sum_k kinds[n, k] B_kind[k]
+
+    background: [N] indices, colours: [N, 6] and kinds: [N, 5] 0/1. What tells one background, colour or kind from
+    another is each group's rows less their mean: returns the mean norm of those ("background", "colour", "kind"),
+    the norm of the vector that any one shape adds to its cell whatever it is ("shape present": the colour rows'
+    mean plus the kind rows'), and the mean norm of the residual rows (what the sum does not explain). Perfect
+    tokens (oracle_tokens.py) are exactly such a sum: at initialisation the three spreads ~ sqrt(C x 5/6) or so,
+    residual 0."""
+    design = torch.cat([F.one_hot(background, -1).double(), colours.double(), kinds.double()], 1)  # [N, nb + 11]
+    fit = torch.linalg.lstsq(design, x.double()).solution  # [nb + 11, C]
+    nb, nc = design.shape[1] - colours.shape[1] - kinds.shape[1], colours.shape[1]
+    groups = {"background": fit[:nb], "colour": fit[nb:nb + nc], "kind": fit[nb + nc:]}
+    out = {k: (rows - rows.mean(0)).norm(dim=1).mean().item() for k, rows in groups.items()}
+    out["shape present"] = (groups["colour"].mean(0) + groups["kind"].mean(0)).norm().item()
+    out["residual"] = (x.double() - design @ fit).norm(dim=1).mean().item()
+    return out
+
+
+def cell_contents(scene, r, c, reach=0.6):
+    """(background index, [6] colours and [5] kinds 0/1) of grid cell (r, c), shapes counted as cell_colours."""
+    things = synthetic.shapes_in_cell(scene, r, c, reach=reach)
+    return (sorted(synthetic.SYNTH_BACKGROUNDS).index(scene.background),
+            [float(any(t.color == k for t in things)) for k in sorted(SYNTH_COLORS)],
+            [float(any(t.shape == k for t in things)) for k in SYNTH_SHAPES])
+
+
+@torch.no_grad()
+def cell_loudness(model, cfg, n=300):
+    """{input: loudness} of the features (Eq. 1) and the tokens that enter the transformer, on n fresh scenes."""
+    rows, where = cell_rows(model, cfg, scenes(n, "loudness"))
+    bg, colours, kinds = zip(*(cell_contents(s, r, c) for s, r, c in where))
+    return {k: loudness(rows[k], torch.tensor(bg), torch.tensor(colours), torch.tensor(kinds))
+            for k in ("features", "tokens")}
 
 
 @torch.no_grad()
@@ -382,6 +432,11 @@ def main():
     print(f"10. masked object colour word ({n} held-out captions) predicted: "
           + ", ".join(f"with {k} {v:.3f}" for k, v in grounded.items())
           + f" (chance among the {len(SYNTH_COLORS)} colours {1 / len(SYNTH_COLORS):.3f})")
+    print("11. loudness per cell (mean norms of a least-squares fit of each cell's vector on its background, colours "
+          "and kinds: how far apart backgrounds, colours and kinds lie, the vector any shape adds, the residual):")
+    for k, parts in cell_loudness(model, cfg).items():
+        print(f"     {k:8s} " + ", ".join(f"{part} {v:.2f}" for part, v in parts.items())
+              + f" (colour / background {parts['colour'] / parts['background']:.3f})")
 
 
 if __name__ == "__main__":

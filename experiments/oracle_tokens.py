@@ -4,8 +4,9 @@ the image?").
 
     python experiments/oracle_tokens.py [--steps 1515] [--num_layers 2] [--lr 1e-3] [--itm_weight 1]
                                         [--mlm_prob 0.15] [--same_background] [--itm_on_clean_text]
-                                        [--tokens perfect|cell-pixels] [--cell 64] [--object_scale 1]
-                                        [--seed 0]
+                                        [--tokens perfect|cell-pixels|resnet] [--cell 64] [--object_scale 1]
+                                        [--freeze_tokens] [--noise 0] [--offset 0] [--resnet PATH]
+                                        [--standardise] [--token_scale 1] [--centre 0] [--seed 0]
 
 The synthetic world's scenes are known exactly, so the ResNet and the VD can be replaced by perfect tokens: each
 64x64 cell of a scene becomes a learned embedding of its background plus, for every shape reaching into the cell,
@@ -22,6 +23,13 @@ steps), objects are lost in the transformer, not in the ResNet or the VD.
 the transformer: a small MLP (48 -> 256 -> hidden) over each cell's sixteen 16x16 block-mean colours (the pixels
 that diagnose.py's item 7 probes), on the scenes rendered as data.py prepares images. Between the two: does a
 learned encoder of the same pixels give the transformer what perfect tokens give it?
+
+What do perfect tokens have that pixels' tokens lack? --freeze_tokens keeps them at their random start (are they
+read because they are learned?); --noise and --offset add to them what features have and they lack (a residual,
+and a part shared by every cell); --tokens resnet feeds the transformer a frozen ResNet's features (e.g. the
+stand-in of pretrain_backbone.py) on the same fresh scenes (do pixels fail because they repeat 1,616 images?),
+--standardise first standardising each channel over the batch's cells; --token_scale multiplies any tokens (their
+size against the 2-D sine position) and --centre takes a share of each image's mean token out (the background).
 """
 
 import argparse
@@ -38,7 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import soho  # noqa: E402
 import synthetic  # noqa: E402
-from diagnose import cell_pixels, mask_first_of  # noqa: E402  (experiments/ is this script's own folder)
+from diagnose import cell_contents, cell_pixels, loudness, mask_first_of  # noqa: E402  (experiments/ is this script's own folder)
 from synthetic import SYNTH_BACKGROUNDS, SYNTH_COLORS, SYNTH_SHAPES  # noqa: E402
 
 BACKGROUNDS, COLOURS, SHAPES = sorted(SYNTH_BACKGROUNDS), sorted(SYNTH_COLORS), list(SYNTH_SHAPES)
@@ -48,16 +56,22 @@ CELL = 64  # the token stride of Eq. 1
 class OracleTokens(nn.Module):
     """A scene's cells as features [B, l, c]: background + the colour and kind of each shape reaching the cell.
     object_scale multiplies the colour and kind embeddings at initialisation (N(0, object_scale^2) instead of
-    N(0, 1), the background's): how loud a shape is in its cell's token, against its background."""
+    N(0, 1), the background's): how loud a shape is in its cell's token, against its background. noise adds
+    N(0, noise^2) to every number of every cell at every forward: what the sum does not explain, as in pixels'
+    features (diagnose.py's item 11). offset adds one random vector of N(0, offset^2) numbers to every cell: a part
+    shared by all cells, as ReLU features have (their mean)."""
 
-    def __init__(self, dim, object_scale=1.0):
+    def __init__(self, dim, object_scale=1.0, noise=0.0, offset=0.0):
         super().__init__()
+        self.noise = noise
         self.background = nn.Embedding(len(BACKGROUNDS), dim)
         self.colour = nn.Embedding(len(COLOURS), dim)
         self.shape = nn.Embedding(len(SHAPES), dim)
         with torch.no_grad():
             self.colour.weight.mul_(object_scale)
             self.shape.weight.mul_(object_scale)
+        # one vector shared by every cell of every scene (drawn only when asked, so that the other runs' draws stay)
+        self.register_buffer("offset", offset * torch.randn(dim) if offset else torch.zeros(dim))
 
     def forward(self, scenes):
         gh = max(math.ceil(s.height / CELL) for s in scenes)
@@ -74,6 +88,9 @@ class OracleTokens(nn.Module):
                     for t in synthetic.shapes_in_cell(s, r, c, CELL):  # each shape whose disc reaches the cell
                         x = x + self.colour.weight[COLOURS.index(t.color)] + self.shape.weight[SHAPES.index(t.shape)]
                     features[b, i] = x
+        features = (features + self.offset) * valid[..., None]
+        if self.noise:
+            features = features + self.noise * torch.randn_like(features) * valid[..., None]
         return features, valid, (gh, gw)
 
 
@@ -95,6 +112,66 @@ class CellPixelTokens(nn.Module):
         real = F.pad(image_mask.float()[:, None], (0, k * gw - W, 0, k * gh - H))  # [B, 1, gh * k, gw * k]
         valid = F.max_pool2d(real, k).flatten(1) > 0  # [B, gh * gw]: cells with any real pixel
         return self.mlp(cell_pixels(images, (gh, gw), k)), valid, (gh, gw)
+
+
+class ResNetTokens(nn.Module):
+    """A scene's cells as features [B, l, c]: Eq. 1 with a frozen ResNet (in eval mode; e.g. the stand-in that
+    pretrain_backbone.py trains) and a learned 1x1 projection, on the scenes rendered as data.py prepares images.
+    Fresh scenes through the visual pathway of `train.py --resnet PATH --freeze_backbone_epochs=15
+    --use_vd=false`: what pixels give the transformer when the data never repeat."""
+
+    def __init__(self, dim, resnet, cfg, standardise=False):
+        super().__init__()
+        self.standardise = standardise
+        self.backbone = soho.ResNet(cfg.resnet_depth, cfg.resnet_width, cfg.backbone_bn,
+                                    zero_init_residual=cfg.zero_init_residual,
+                                    average_downsample=cfg.average_downsample)
+        soho.load_resnet_weights(self.backbone, resnet)
+        self.backbone.requires_grad_(False).eval()
+        self.projection = nn.Conv2d(self.backbone.out_channels, dim, kernel_size=1)
+        self.image_short, self.image_long = cfg.image_short, cfg.image_long
+
+    def train(self, mode=True):  # the ResNet stays in eval mode (its BatchNorm frozen) whatever the caller asks
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def forward(self, scenes):
+        images, image_mask = synthetic.scene_batch(scenes, self.image_short, self.image_long)
+        if not self.standardise:
+            return soho.encode(images, image_mask, self.backbone, self.projection)
+        cells, valid, grid = soho.encode(images, image_mask, self.backbone, nn.Identity())  # [B, l, C]
+        real = cells[valid]  # [n, C]: per channel, the batch's valid cells' mean and deviation
+        cells = (cells - real.mean(0)) / (real.std(0) + 1e-5)
+        return self.projection(cells.transpose(1, 2)[..., None])[..., 0].transpose(1, 2) * valid[..., None], valid, grid
+
+
+class Scaled(nn.Module):
+    """Any of the token encoders above, its tokens multiplied by `scale`: how large a token's content is against
+    the 2-D sine position (norm 8 at the tiny preset's 128 dimensions) that embed_visual adds before its LayerNorm."""
+
+    def __init__(self, tokens, scale):
+        super().__init__()
+        self.tokens, self.scale = tokens, scale
+
+    def forward(self, scenes):
+        features, valid, grid = self.tokens(scenes)
+        return self.scale * features, valid, grid
+
+
+class Centred(nn.Module):
+    """Any of the token encoders above, with `share` x each image's mean token (over its valid cells) subtracted
+    from its tokens: most of the background, shared by every cell, is taken out (all of it at share 1), and what
+    differs between cells is left."""
+
+    def __init__(self, tokens, share=1.0):
+        super().__init__()
+        self.tokens, self.share = tokens, share
+
+    def forward(self, scenes):
+        features, valid, grid = self.tokens(scenes)
+        mean = (features * valid[..., None]).sum(1, keepdim=True) / valid.sum(1)[:, None, None]  # [B, 1, c]
+        return (features - self.share * mean) * valid[..., None], valid, grid
 
 
 def batch_of(scenes, captions, tok, rng, mlm_prob, same_background=False):
@@ -126,6 +203,17 @@ def forward(model, oracle, scenes, ids, mask, img_index):
     visual = model.embed_visual(features, grid)[img_index]  # [4B, l, c]
     hidden = model.fuse(ids, mask, visual, valid[img_index])
     return hidden, model.itm_head(model.transformer.pool(hidden, mask))
+
+
+@torch.no_grad()
+def geometry(oracle, scenes):
+    """diagnose.py's item 11 on the tokens as they enter embed_visual (before the 2-D sine position, whose norm is
+    sqrt(hidden / 2)): how far apart backgrounds, colours and kinds lie, the residual, and the tokens' mean norm."""
+    features, valid, (gh, gw) = oracle(scenes)
+    where = [(s, i // gw, i % gw) for b, s in enumerate(scenes) for i in range(gh * gw) if valid[b, i]]
+    bg, colours, kinds = zip(*(cell_contents(s, r, c) for s, r, c in where))
+    parts = loudness(features[valid], torch.tensor(bg), torch.tensor(colours), torch.tensor(kinds))
+    return {**parts, "token norm": features[valid].norm(dim=1).mean().item()}
 
 
 def fresh(rng, n):
@@ -173,12 +261,26 @@ def main(argv=None):
                    "the same background (as --itm_negatives=subject); held-out scoring stays random")
     p.add_argument("--itm_on_clean_text", action="store_true", help="score ITM in a second pass on unmasked texts "
                    "(MLM keeps the masked pass) instead of on the masked texts of the one pass")
-    p.add_argument("--tokens", choices=("perfect", "cell-pixels"), default="perfect",
-                   help="perfect: learned embeddings of what each cell holds; cell-pixels: an MLP over its pixels")
+    p.add_argument("--tokens", choices=("perfect", "cell-pixels", "resnet"), default="perfect",
+                   help="perfect: learned embeddings of what each cell holds; cell-pixels: an MLP over its pixels; "
+                   "resnet: a frozen ResNet (--resnet) and a learned projection (Eq. 1)")
+    p.add_argument("--resnet", default="runs/backbone/resnet.pt", help="--tokens resnet: its weights (a state dict "
+                   "as train.py --resnet reads, e.g. from pretrain_backbone.py)")
+    p.add_argument("--noise", type=float, default=0.0, help="perfect tokens: add N(0, noise^2) to every number of "
+                   "every cell at every forward (the residual's norm is then ~noise x a colour vector's)")
     p.add_argument("--cell", type=int, default=CELL, help="cell-pixels tokens: the side of a token's cell in "
                    "pixels (64: Eq. 1's stride; 32: a grid four times as fine)")
     p.add_argument("--object_scale", type=float, default=1.0, help="perfect tokens: the shapes' embeddings start "
                    "at this scale against the background's (1: the same)")
+    p.add_argument("--freeze_tokens", action="store_true", help="keep the token encoder at its initialisation "
+                   "(perfect tokens: fixed random vectors per background, colour and kind) instead of learning it")
+    p.add_argument("--offset", type=float, default=0.0, help="perfect tokens: add one random vector of N(0, "
+                   "offset^2) numbers to every cell (a part shared by all, as the mean of ReLU features)")
+    p.add_argument("--standardise", action="store_true", help="resnet tokens: standardise each channel of the "
+                   "features over the batch's cells before the projection")
+    p.add_argument("--token_scale", type=float, default=1.0, help="multiply every token by this (1: as they are)")
+    p.add_argument("--centre", type=float, default=0.0, help="subtract this share of each image's mean token from "
+                   "its tokens (0: none; 1: all)")
     p.add_argument("--eval_every", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocab", default=os.path.join(synthetic.default_data_root(), "vocab.txt"))
@@ -190,18 +292,34 @@ def main(argv=None):
     tok = data.Tokenizer.from_vocab(args.vocab, cfg.max_text_len)
     model = soho.SOHO(cfg)
     if args.tokens == "perfect":
-        oracle = OracleTokens(cfg.hidden_size, args.object_scale)
+        oracle = OracleTokens(cfg.hidden_size, args.object_scale, args.noise, args.offset)
+    elif args.tokens == "resnet":
+        oracle = ResNetTokens(cfg.hidden_size, args.resnet, soho.PRESETS["tiny"], args.standardise)
     else:
         oracle = CellPixelTokens(cfg.hidden_size, cell=args.cell)
+    if args.centre:
+        oracle = Centred(oracle, args.centre)
+    if args.token_scale != 1.0:
+        oracle = Scaled(oracle, args.token_scale)
     params = [*model.transformer.parameters(), *model.visual_norm.parameters(), *model.mlm_transform.parameters(),
-              model.mlm_bias, *model.itm_head.parameters(), *oracle.parameters()]
+              model.mlm_bias, *model.itm_head.parameters()]
+    if args.freeze_tokens:
+        oracle.requires_grad_(False)
+    else:
+        params += list(oracle.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     rng = random.Random(f"oracle/train/{args.seed}")
     held_out = fresh(random.Random("oracle/held-out"), 256)
     print(f"{args.tokens} tokens | {args.num_layers} layers | lr {args.lr} | itm weight {args.itm_weight} | "
           f"mlm_prob {args.mlm_prob} | same-background negatives {args.same_background} | "
-          f"ITM on clean texts {args.itm_on_clean_text} | object scale {args.object_scale} | cell {args.cell} px | "
+          f"ITM on clean texts {args.itm_on_clean_text} | tokens frozen {args.freeze_tokens} | "
+          f"object scale {args.object_scale} | noise {args.noise} | centred {args.centre} | offset {args.offset} | token scale {args.token_scale} | standardised {args.standardise} | cell {args.cell} px | "
           f"seed {args.seed}")
+    oracle.eval()
+    shape = geometry(oracle, held_out[0][:64])
+    oracle.train()
+    print(f"tokens at the start (position norm {math.sqrt(cfg.hidden_size / 2):.2f}): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in shape.items()), flush=True)
     for step in range(1, args.steps + 1):
         for group in opt.param_groups:  # the tiny recipe's warm-up: 50 steps from 1/3 of the rate
             group["lr"] = args.lr * min(1.0, 1 / 3 + (2 / 3) * step / 50)
@@ -225,6 +343,11 @@ def main(argv=None):
             scores = evaluate(model, oracle, tok, *held_out)
             print(f"step {step:5d}  itm loss {itm.item():.3f}  held-out: " +
                   ", ".join(f"{k} {v:.3f}" for k, v in scores.items()), flush=True)
+            if step == args.steps:
+                oracle.eval()
+                shape = geometry(oracle, held_out[0][:64])
+                oracle.train()
+                print("tokens at the end: " + ", ".join(f"{k} {v:.2f}" for k, v in shape.items()), flush=True)
     return scores
 
 

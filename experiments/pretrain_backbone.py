@@ -2,7 +2,7 @@
 An ImageNet stand-in for the tiny preset: pre-train its ResNet to name what each 64x64 cell of a synthetic scene
 holds, then start SOHO's pre-training from it, as the paper starts from ImageNet weights (Sec. 4.1).
 
-    python experiments/pretrain_backbone.py [--steps 600] [--out runs/backbone/resnet.pt]
+    python experiments/pretrain_backbone.py [--steps 600] [--fixed_head] [--out runs/backbone/resnet.pt]
     python train.py --resnet runs/backbone/resnet.pt
 
 Why: the tiny model trains its ResNet from scratch, and "Where the objects are lost" (README) finds that nothing
@@ -53,6 +53,19 @@ def backbone_of(cfg):
                        average_downsample=cfg.average_downsample)
 
 
+def head_of(backbone, fixed=False):
+    """The linear head that names a cell's background (6), colours (6) and kinds (5) from its features. fixed: rows
+    of norm 1 in random directions, zero bias, never trained, so that a label is said only as loudly as the
+    features carry it along its row (a learned head can make a quiet direction loud by its own weights)."""
+    head = nn.Linear(backbone.out_channels, len(BACKGROUNDS) + len(COLOURS) + len(SHAPES))
+    if fixed:
+        with torch.no_grad():
+            head.weight.copy_(F.normalize(torch.randn_like(head.weight), dim=1))
+            head.bias.zero_()
+        head.requires_grad_(False)
+    return head
+
+
 def cell_losses(backbone, head, scenes, cfg):
     """(BCE of the cells' colours and kinds, CE of the background, balanced accuracy of the cells' labels at
     0.5: the mean of the shares of present and of absent labels said right)."""
@@ -74,14 +87,15 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--fixed_head", action="store_true", help="a head of fixed random rows of norm 1 (head_of)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/backbone/resnet.pt")
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
     cfg = soho.PRESETS["tiny"]
     backbone = backbone_of(cfg).train()
-    head = nn.Linear(backbone.out_channels, len(BACKGROUNDS) + len(COLOURS) + len(SHAPES))
-    params = [*backbone.parameters(), *head.parameters()]
+    head = head_of(backbone, args.fixed_head)
+    params = [p for p in (*backbone.parameters(), *head.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
     rng = random.Random(f"pretrain_backbone/{args.seed}")  # a stream of its own: never the world's COCO images
     held_out = [synthetic.random_scene(random.Random(f"pretrain_backbone/held-out/{i}")) for i in range(64)]

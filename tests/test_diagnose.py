@@ -13,6 +13,7 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import data  # noqa: E402
 import diagnose  # noqa: E402
 import soho  # noqa: E402
+import synthetic  # noqa: E402
 
 
 def fresh_model(**overrides):
@@ -128,3 +129,36 @@ def test_mismatches_are_split_by_the_kind_of_image(world):
     assert {k.split(", ")[0] for k in split} == {"even id", "odd id"}
     for kind, (_, n) in plain.items():
         assert sum(m for k, (_, m) in split.items() if k.split(", ")[1] == kind) == n
+
+
+def test_loudness_recovers_the_parts_of_a_sum_and_what_is_left():
+    """Item 11 on cells built as perfect tokens are (a vector per background, plus one per colour and kind present),
+    in float64: it finds each part's norm; noise added to every cell is reported as the residual, not as a part."""
+    g = torch.Generator().manual_seed(0)
+    n, dim = 400, 16
+    bg_vec, colour_vec, kind_vec = (torch.randn(k, dim, generator=g, dtype=torch.float64) for k in (6, 6, 5))
+    background = torch.randint(0, 6, (n,), generator=g)
+    colours = (torch.rand(n, 6, generator=g) < 0.3).double()
+    kinds = (torch.rand(n, 5, generator=g) < 0.3).double()
+    x = bg_vec[background] + colours @ colour_vec + kinds @ kind_vec  # [n, dim]
+    parts = diagnose.loudness(x, background, colours, kinds)
+    for name, vectors in (("background", bg_vec), ("colour", colour_vec), ("kind", kind_vec)):
+        spread = (vectors - vectors.mean(0)).norm(dim=1).mean().item()  # what tells one from another
+        assert parts[name] == pytest.approx(spread, rel=1e-6)
+    assert parts["shape present"] == pytest.approx((colour_vec.mean(0) + kind_vec.mean(0)).norm().item(), rel=1e-6)
+    assert parts["residual"] < 1e-6
+    noisy = diagnose.loudness(x + 0.5 * torch.randn(n, dim, generator=g, dtype=torch.float64), background, colours,
+                              kinds)
+    assert noisy["residual"] == pytest.approx(0.5 * dim ** 0.5, rel=0.15)
+    assert noisy["colour"] == pytest.approx(parts["colour"], rel=0.15)
+
+
+def test_cell_contents_name_what_the_cell_holds():
+    scene = synthetic.Scene(256, 256, "teal", (40, 130, 130),
+                            (synthetic.Thing("star", "red", "big", 96, 96, 40, (215, 45, 45)),))
+    bg, colours, kinds = diagnose.cell_contents(scene, 1, 1)
+    assert bg == sorted(synthetic.SYNTH_BACKGROUNDS).index("teal")
+    assert colours == [float(c == "red") for c in sorted(synthetic.SYNTH_COLORS)]
+    assert kinds == [float(k == "star") for k in synthetic.SYNTH_SHAPES]
+    _, empty_colours, empty_kinds = diagnose.cell_contents(scene, 3, 3)
+    assert sum(empty_colours) == 0 and sum(empty_kinds) == 0

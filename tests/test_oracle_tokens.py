@@ -63,3 +63,69 @@ def test_object_scale_scales_the_shapes_embeddings_only():
     assert torch.equal(plain.background.weight, quiet.background.weight)
     torch.testing.assert_close(quiet.colour.weight, 0.2 * plain.colour.weight)
     torch.testing.assert_close(quiet.shape.weight, 0.2 * plain.shape.weight)
+
+
+def plain_scene():
+    red_star = synthetic.Thing("star", "red", "small", x=20, y=20, r=18, rgb=(215, 45, 45))
+    return synthetic.Scene(width=320, height=256, background="teal", bg_rgb=(40, 130, 130), things=(red_star,))
+
+
+def test_offset_shifts_every_real_cell_by_one_vector_and_noise_adds_fresh_numbers():
+    torch.manual_seed(0)
+    plain = oracle_tokens.OracleTokens(64)
+    torch.manual_seed(0)
+    shifted = oracle_tokens.OracleTokens(64, offset=1.5, noise=0.5)
+    assert torch.equal(plain.background.weight, shifted.background.weight)  # the offset is drawn after them
+    scenes = [plain_scene(), plain_scene()._replace(width=256)]
+    base, valid, _ = plain(scenes)
+    with torch.no_grad():
+        noisy, _, _ = shifted(scenes)
+        again, _, _ = shifted(scenes)
+    assert not torch.equal(noisy, again)  # noise is drawn at every forward
+    difference = (noisy - base)[valid] - shifted.offset  # [n, 64]: the noise alone
+    assert abs(difference.std().item() - 0.5) < 0.05 and abs(difference.mean().item()) < 0.05
+    assert (noisy[~valid] == 0).all()  # cells beyond a scene's own size stay empty
+
+
+def test_centred_takes_each_images_mean_share_out_and_scaled_multiplies():
+    torch.manual_seed(0)
+    tokens = oracle_tokens.OracleTokens(8)
+    scenes = [plain_scene(), plain_scene()._replace(width=256, background="pink")]
+    base, valid, grid = tokens(scenes)
+    for share in (1.0, 0.8):
+        centred, c_valid, c_grid = oracle_tokens.Centred(tokens, share)(scenes)
+        assert torch.equal(c_valid, valid) and c_grid == grid
+        for b in range(2):
+            mean = base[b][valid[b]].mean(0)
+            torch.testing.assert_close(centred[b][valid[b]], base[b][valid[b]] - share * mean)
+        assert (centred[~valid] == 0).all()
+    scaled, _, _ = oracle_tokens.Scaled(tokens, 3.0)(scenes)
+    torch.testing.assert_close(scaled, 3.0 * base)
+
+
+def test_resnet_tokens_are_eq1_of_a_frozen_resnet_in_eval_mode(tmp_path):
+    cfg = oracle_tokens.soho.PRESETS["tiny"]
+    torch.manual_seed(0)
+    source = oracle_tokens.soho.ResNet(cfg.resnet_depth, cfg.resnet_width, cfg.backbone_bn,
+                                       zero_init_residual=cfg.zero_init_residual)
+    path = str(tmp_path / "resnet.pt")
+    torch.save(source.state_dict(), path)
+    tokens = oracle_tokens.ResNetTokens(16, path, cfg).train()
+    assert not tokens.backbone.training and tokens.projection.training
+    assert not any(p.requires_grad for p in tokens.backbone.parameters())
+    scenes = [plain_scene(), plain_scene()._replace(width=256)]
+    features, valid, grid = tokens(scenes)
+    images, image_mask = synthetic.scene_batch(scenes, cfg.image_short, cfg.image_long)
+    expected = oracle_tokens.soho.encode(images, image_mask, source.eval(), tokens.projection)
+    torch.testing.assert_close(features, expected[0])
+    assert torch.equal(valid, expected[1]) and grid == expected[2]
+    # standardised: each channel has mean 0 and deviation 1 over the batch's real cells before the projection
+    standard = oracle_tokens.ResNetTokens(source.out_channels, path, cfg, standardise=True)
+    with torch.no_grad():
+        standard.projection.weight.copy_(torch.eye(source.out_channels)[..., None, None])
+        standard.projection.bias.zero_()
+    out, valid, _ = standard(scenes)
+    raw, _, _ = oracle_tokens.soho.encode(images, image_mask, source, torch.nn.Identity())
+    live = out[valid][:, raw[valid].std(0) > 1e-2]  # channels that vary over the cells well beyond the 1e-5 guard
+    torch.testing.assert_close(live.mean(0), torch.zeros(live.shape[1]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(live.std(0), torch.ones(live.shape[1]), atol=1e-3, rtol=0)

@@ -38,3 +38,12 @@ def test_a_short_run_writes_a_resnet_that_train_py_loads(tmp_path):
     saved = torch.load(out, weights_only=True)
     assert torch.equal(backbone.conv1.weight, saved["conv1.weight"])
     assert not any(k.startswith("fc.") for k in saved)
+
+
+def test_a_fixed_head_has_unit_rows_no_bias_and_is_not_trained():
+    backbone = pretrain_backbone.backbone_of(soho.PRESETS["tiny"])
+    head = pretrain_backbone.head_of(backbone, fixed=True)
+    assert head.weight.shape == (17, backbone.out_channels)
+    torch.testing.assert_close(head.weight.norm(dim=1), torch.ones(17))
+    assert (head.bias == 0).all() and not any(p.requires_grad for p in head.parameters())
+    assert all(p.requires_grad for p in pretrain_backbone.head_of(backbone).parameters())
