@@ -58,15 +58,17 @@ class OracleTokens(nn.Module):
     object_scale multiplies the colour and kind embeddings at initialisation (N(0, object_scale^2) instead of
     N(0, 1), the background's): how loud a shape is in its cell's token, against its background. noise adds
     N(0, noise^2) to every number of every cell at every forward: what the sum does not explain, as in pixels'
-    features (diagnose.py's item 11). offset adds one random vector of N(0, offset^2) numbers to every cell: a part
+    features (diagnose.py's item 11). variants gives each colour and kind that many vectors, one drawn at random for
+    every shape in every cell; graded scales a shape's vectors by the share of the cell it covers. offset adds one random vector of N(0, offset^2) numbers to every cell: a part
     shared by all cells, as ReLU features have (their mean)."""
 
-    def __init__(self, dim, object_scale=1.0, noise=0.0, offset=0.0):
+    def __init__(self, dim, object_scale=1.0, noise=0.0, offset=0.0, variants=1, graded=False):
         super().__init__()
-        self.noise = noise
+        self.noise, self.variants, self.graded = noise, variants, graded
+        self.draw = random.Random("oracle/variants")  # which variant each shape shows: a stream of its own
         self.background = nn.Embedding(len(BACKGROUNDS), dim)
-        self.colour = nn.Embedding(len(COLOURS), dim)
-        self.shape = nn.Embedding(len(SHAPES), dim)
+        self.colour = nn.Embedding(len(COLOURS) * variants, dim)  # variant v of colour i: row i * variants + v
+        self.shape = nn.Embedding(len(SHAPES) * variants, dim)
         with torch.no_grad():
             self.colour.weight.mul_(object_scale)
             self.shape.weight.mul_(object_scale)
@@ -86,12 +88,22 @@ class OracleTokens(nn.Module):
                     valid[b, i] = True
                     x = self.background.weight[BACKGROUNDS.index(s.background)]
                     for t in synthetic.shapes_in_cell(s, r, c, CELL):  # each shape whose disc reaches the cell
-                        x = x + self.colour.weight[COLOURS.index(t.color)] + self.shape.weight[SHAPES.index(t.shape)]
+                        v = self.draw.randrange(self.variants) if self.variants > 1 else 0
+                        w = disc_coverage(t, r, c) * CELL ** 2 / (math.pi * 22 ** 2) if self.graded else 1.0
+                        x = x + w * (self.colour.weight[COLOURS.index(t.color) * self.variants + v]
+                                     + self.shape.weight[SHAPES.index(t.shape) * self.variants + v])
                     features[b, i] = x
         features = (features + self.offset) * valid[..., None]
         if self.noise:
             features = features + self.noise * torch.randn_like(features) * valid[..., None]
         return features, valid, (gh, gw)
+
+
+def disc_coverage(thing, r, c, samples=16):
+    """The share of grid cell (r, c) that the shape's disc covers, from samples x samples points of the cell."""
+    step = CELL / samples
+    centres = [(c * CELL + (i + 0.5) * step, r * CELL + (j + 0.5) * step) for i in range(samples) for j in range(samples)]
+    return sum(math.hypot(x - thing.x, y - thing.y) < thing.r for x, y in centres) / samples ** 2
 
 
 class CellPixelTokens(nn.Module):
@@ -274,6 +286,10 @@ def main(argv=None):
                    "at this scale against the background's (1: the same)")
     p.add_argument("--freeze_tokens", action="store_true", help="keep the token encoder at its initialisation "
                    "(perfect tokens: fixed random vectors per background, colour and kind) instead of learning it")
+    p.add_argument("--variants", type=int, default=1, help="perfect tokens: each colour and kind has this many "
+                   "random vectors, one drawn for every shape in every cell (1: one exact vector each)")
+    p.add_argument("--graded", action="store_true", help="perfect tokens: a shape's vectors scaled by the share of "
+                   "the cell its disc covers (x 64^2 / (pi 22^2): 1 for a small shape wholly inside), as pixels are")
     p.add_argument("--offset", type=float, default=0.0, help="perfect tokens: add one random vector of N(0, "
                    "offset^2) numbers to every cell (a part shared by all, as the mean of ReLU features)")
     p.add_argument("--standardise", action="store_true", help="resnet tokens: standardise each channel of the "
@@ -292,7 +308,7 @@ def main(argv=None):
     tok = data.Tokenizer.from_vocab(args.vocab, cfg.max_text_len)
     model = soho.SOHO(cfg)
     if args.tokens == "perfect":
-        oracle = OracleTokens(cfg.hidden_size, args.object_scale, args.noise, args.offset)
+        oracle = OracleTokens(cfg.hidden_size, args.object_scale, args.noise, args.offset, args.variants, args.graded)
     elif args.tokens == "resnet":
         oracle = ResNetTokens(cfg.hidden_size, args.resnet, soho.PRESETS["tiny"], args.standardise)
     else:
@@ -313,7 +329,7 @@ def main(argv=None):
     print(f"{args.tokens} tokens | {args.num_layers} layers | lr {args.lr} | itm weight {args.itm_weight} | "
           f"mlm_prob {args.mlm_prob} | same-background negatives {args.same_background} | "
           f"ITM on clean texts {args.itm_on_clean_text} | tokens frozen {args.freeze_tokens} | "
-          f"object scale {args.object_scale} | noise {args.noise} | centred {args.centre} | offset {args.offset} | token scale {args.token_scale} | standardised {args.standardise} | cell {args.cell} px | "
+          f"object scale {args.object_scale} | noise {args.noise} | centred {args.centre} | offset {args.offset} | variants {args.variants} | graded {args.graded} | token scale {args.token_scale} | standardised {args.standardise} | cell {args.cell} px | "
           f"seed {args.seed}")
     oracle.eval()
     shape = geometry(oracle, held_out[0][:64])

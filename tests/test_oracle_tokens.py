@@ -129,3 +129,37 @@ def test_resnet_tokens_are_eq1_of_a_frozen_resnet_in_eval_mode(tmp_path):
     live = out[valid][:, raw[valid].std(0) > 1e-2]  # channels that vary over the cells well beyond the 1e-5 guard
     torch.testing.assert_close(live.mean(0), torch.zeros(live.shape[1]), atol=1e-4, rtol=0)
     torch.testing.assert_close(live.std(0), torch.ones(live.shape[1]), atol=1e-3, rtol=0)
+
+
+def test_disc_coverage_is_the_share_of_the_cell_inside_the_disc():
+    inside = synthetic.Thing("circle", "red", "small", x=32, y=32, r=20, rgb=None)
+    assert abs(oracle_tokens.disc_coverage(inside, 0, 0, samples=64) - 3.14159 * 20 ** 2 / 64 ** 2) < 0.01
+    assert oracle_tokens.disc_coverage(inside, 2, 2) == 0.0
+    covering = inside._replace(r=100)
+    assert oracle_tokens.disc_coverage(covering, 0, 0) == 1.0
+
+
+def test_graded_and_variant_tokens_scale_or_swap_the_shapes_vectors():
+    scene = plain_scene()  # a red star of radius 18 at (20, 20): cell (0, 0) only
+    torch.manual_seed(0)
+    graded = oracle_tokens.OracleTokens(8, graded=True)
+    features, _, _ = graded([scene])
+    teal = graded.background.weight[oracle_tokens.BACKGROUNDS.index("teal")]
+    red = graded.colour.weight[oracle_tokens.COLOURS.index("red")]
+    star = graded.shape.weight[oracle_tokens.SHAPES.index("star")]
+    w = oracle_tokens.disc_coverage(scene.things[0], 0, 0) * 64 ** 2 / (3.14159265 * 22 ** 2)
+    with torch.no_grad():
+        torch.testing.assert_close(features[0, 0], teal + w * (red + star))
+    varied = oracle_tokens.OracleTokens(8, variants=4)
+    assert varied.colour.weight.shape == (24, 8) and varied.shape.weight.shape == (20, 8)
+    teal = varied.background.weight[oracle_tokens.BACKGROUNDS.index("teal")]
+    i, k = oracle_tokens.COLOURS.index("red"), oracle_tokens.SHAPES.index("star")
+    seen = set()
+    with torch.no_grad():
+        for _ in range(40):
+            cell = varied([scene])[0][0, 0]
+            v = [v for v in range(4) if torch.allclose(cell, teal + varied.colour.weight[4 * i + v]
+                                                             + varied.shape.weight[4 * k + v])]
+            assert len(v) == 1  # one variant, the same for the colour and the kind
+            seen.add(v[0])
+    assert seen == {0, 1, 2, 3}
