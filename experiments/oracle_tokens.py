@@ -297,10 +297,20 @@ def main(argv=None):
     p.add_argument("--token_scale", type=float, default=1.0, help="multiply every token by this (1: as they are)")
     p.add_argument("--centre", type=float, default=0.0, help="subtract this share of each image's mean token from "
                    "its tokens (0: none; 1: all)")
+    p.add_argument("--world", default="", help="a world variant of world_variants.py to draw the scenes from "
+                   "(empty: synthetic.py's own)")
     p.add_argument("--eval_every", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocab", default=os.path.join(synthetic.default_data_root(), "vocab.txt"))
     args = p.parse_args(argv)
+    if args.world:
+        from world_variants import variant  # noqa: E402  (experiments/ is this script's own folder)
+        with variant(args.world):
+            return run(args)
+    return run(args)
+
+
+def run(args):
     if not os.path.isfile(args.vocab):
         synthetic.ensure_synthetic_world()
     torch.manual_seed(args.seed)
@@ -329,7 +339,7 @@ def main(argv=None):
     print(f"{args.tokens} tokens | {args.num_layers} layers | lr {args.lr} | itm weight {args.itm_weight} | "
           f"mlm_prob {args.mlm_prob} | same-background negatives {args.same_background} | "
           f"ITM on clean texts {args.itm_on_clean_text} | tokens frozen {args.freeze_tokens} | "
-          f"object scale {args.object_scale} | noise {args.noise} | centred {args.centre} | offset {args.offset} | variants {args.variants} | graded {args.graded} | token scale {args.token_scale} | standardised {args.standardise} | cell {args.cell} px | "
+          f"object scale {args.object_scale} | noise {args.noise} | centred {args.centre} | offset {args.offset} | variants {args.variants} | graded {args.graded} | token scale {args.token_scale} | world {args.world or 'synthetic.py'} | standardised {args.standardise} | cell {args.cell} px | "
           f"seed {args.seed}")
     oracle.eval()
     shape = geometry(oracle, held_out[0][:64])

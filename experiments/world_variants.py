@@ -13,6 +13,9 @@ synthetic.py, into a folder of its own; pre-train on it with --data:
                       teal background", "on a teal striped background"): a second property of the whole scene, so
                       a random caption names the image's own scene one time in 18 instead of one in 6
     ten-backgrounds   four more background colours (sky, lime, maroon, sand): one time in 10
+    grid              every shape centred in a 64x64 cell of the token grid, one shape per cell, radius 20-22 px
+                      (small) or 27-29 (big): each shape shows wholly in exactly one token, as near as pixels come
+                      to perfect tokens' one vector per colour at full size
     close-ups         three scenes in ten are one shape of radius 80-110 px that fills much of the image (a
                       close-up): its colour and kind are a property of the whole image, as the background is
 
@@ -44,7 +47,8 @@ from diagnose import mismatches_by  # noqa: E402  (experiments/ is this script's
 
 PATTERNS = ("plain", "striped", "checked")
 MORE_BACKGROUNDS = {"sky": (140, 200, 240), "lime": (175, 225, 110), "maroon": (115, 30, 55), "sand": (215, 195, 145)}
-VARIANTS = ("bigger-shapes", "patterned", "ten-backgrounds", "close-ups")
+VARIANTS = ("bigger-shapes", "patterned", "ten-backgrounds", "close-ups", "grid")
+GRID_RADII = {"small": (20, 22), "big": (27, 29)}  # both wholly inside a 64x64 cell, centred in it
 CLOSE_UP_SHARE, CLOSE_UP_RADII = 0.3, (80, 110)
 
 
@@ -104,6 +108,19 @@ def close_up_scene(plain_scene):
     return random_scene
 
 
+def grid_scene(plain_scene):
+    """A random_scene whose shapes each sit at the centre of a 64x64 cell of the token grid (Eq. 1), a different
+    cell each, with a radius in GRID_RADII: every shape shows wholly, at one of two sizes, in exactly one token."""
+    def random_scene(rng, n_things=None, prefer=()):
+        scene = plain_scene(rng, n_things, prefer)
+        cells = [(r, c) for r in range(scene.height // 64) for c in range(scene.width // 64)]
+        places = rng.sample(cells, len(scene.things))
+        things = tuple(t._replace(r=rng.randint(*GRID_RADII[t.size]), x=64 * c + 32, y=64 * r + 32)
+                       for t, (r, c) in zip(scene.things, places))
+        return scene._replace(things=things)
+    return random_scene
+
+
 @contextlib.contextmanager
 def variant(name):
     """synthetic.py's world changed as `name` says while the block runs; restored afterwards."""
@@ -117,6 +134,8 @@ def variant(name):
             synthetic.SYNTH_BACKGROUNDS = {**saved["SYNTH_BACKGROUNDS"], **MORE_BACKGROUNDS}
         elif name == "close-ups":
             synthetic.random_scene = close_up_scene(saved["random_scene"])
+        elif name == "grid":
+            synthetic.random_scene = grid_scene(saved["random_scene"])
         else:
             synthetic.random_scene = patterned_scene(saved["random_scene"])
             synthetic.render_scene = patterned_render(saved["render_scene"])

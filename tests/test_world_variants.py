@@ -122,3 +122,21 @@ def test_a_mismatch_is_told_by_what_it_shares_with_the_scene():
         "same colour, same pattern"
     assert kind("a red star on a teal background", "a blue star on a teal background") == "same colour"
     assert kind("a red star on a teal background", "a blue star") is None
+
+
+def test_grid_shapes_sit_wholly_in_one_token_each_a_cell_of_their_own():
+    with world_variants.variant("grid"):
+        scenes = [synthetic.random_scene(random.Random(i)) for i in range(200)]
+    for s in scenes:
+        cells = set()
+        for t in s.things:
+            r, c = (t.y - 32) // 64, (t.x - 32) // 64
+            assert (t.x, t.y) == (64 * c + 32, 64 * r + 32)  # a cell's centre
+            assert 64 * (c + 1) <= s.width and 64 * (r + 1) <= s.height  # a whole cell of the image
+            lo, hi = world_variants.GRID_RADII[t.size]
+            assert lo <= t.r <= hi
+            touched = [(i, j) for i in range(5) for j in range(5) if t in synthetic.shapes_in_cell(s, i, j)]
+            assert touched == [(r, c)]  # the disc reaches no other cell
+            cells.add((r, c))
+        assert len(cells) == len(s.things)
+    assert {len(s.things) for s in scenes} == {1, 2, 3, 4}
