@@ -46,7 +46,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import soho  # noqa: E402
 import synthetic  # noqa: E402
-from diagnose import cell_contents, cell_pixels, loudness, mask_first_of  # noqa: E402  (experiments/ is this script's own folder)
+# experiments/ is this script's own folder
+from diagnose import cell_contents, cell_pixels, loudness, mask_first_of  # noqa: E402
 from synthetic import SYNTH_BACKGROUNDS, SYNTH_COLORS, SYNTH_SHAPES  # noqa: E402
 
 BACKGROUNDS, COLOURS, SHAPES = sorted(SYNTH_BACKGROUNDS), sorted(SYNTH_COLORS), list(SYNTH_SHAPES)
@@ -59,12 +60,13 @@ class OracleTokens(nn.Module):
     N(0, 1), the background's): how loud a shape is in its cell's token, against its background. noise adds
     N(0, noise^2) to every number of every cell at every forward: what the sum does not explain, as in pixels'
     features (diagnose.py's item 11). variants gives each colour and kind that many vectors, one drawn at random for
-    every shape in every cell; graded scales a shape's vectors by the share of the cell it covers. offset adds one random vector of N(0, offset^2) numbers to every cell: a part
-    shared by all cells, as ReLU features have (their mean)."""
+    every shape in every cell; graded scales a shape's vectors by the share of the cell it covers; single_cell puts
+    them only in the cell that holds the shape's centre. offset adds one random vector of N(0, offset^2) numbers to
+    every cell: a part shared by all cells, as ReLU features have (their mean)."""
 
-    def __init__(self, dim, object_scale=1.0, noise=0.0, offset=0.0, variants=1, graded=False):
+    def __init__(self, dim, object_scale=1.0, noise=0.0, offset=0.0, variants=1, graded=False, single_cell=False):
         super().__init__()
-        self.noise, self.variants, self.graded = noise, variants, graded
+        self.noise, self.variants, self.graded, self.single_cell = noise, variants, graded, single_cell
         self.draw = random.Random("oracle/variants")  # which variant each shape shows: a stream of its own
         self.background = nn.Embedding(len(BACKGROUNDS), dim)
         self.colour = nn.Embedding(len(COLOURS) * variants, dim)  # variant v of colour i: row i * variants + v
@@ -88,6 +90,8 @@ class OracleTokens(nn.Module):
                     valid[b, i] = True
                     x = self.background.weight[BACKGROUNDS.index(s.background)]
                     for t in synthetic.shapes_in_cell(s, r, c, CELL):  # each shape whose disc reaches the cell
+                        if self.single_cell and (int(t.y) // CELL, int(t.x) // CELL) != (r, c):
+                            continue  # single_cell: only the cell that holds the shape's centre
                         v = self.draw.randrange(self.variants) if self.variants > 1 else 0
                         w = disc_coverage(t, r, c) * CELL ** 2 / (math.pi * 22 ** 2) if self.graded else 1.0
                         x = x + w * (self.colour.weight[COLOURS.index(t.color) * self.variants + v]
@@ -102,7 +106,8 @@ class OracleTokens(nn.Module):
 def disc_coverage(thing, r, c, samples=16):
     """The share of grid cell (r, c) that the shape's disc covers, from samples x samples points of the cell."""
     step = CELL / samples
-    centres = [(c * CELL + (i + 0.5) * step, r * CELL + (j + 0.5) * step) for i in range(samples) for j in range(samples)]
+    centres = [(c * CELL + (i + 0.5) * step, r * CELL + (j + 0.5) * step)
+               for i in range(samples) for j in range(samples)]
     return sum(math.hypot(x - thing.x, y - thing.y) < thing.r for x, y in centres) / samples ** 2
 
 
@@ -288,6 +293,8 @@ def main(argv=None):
                    "(perfect tokens: fixed random vectors per background, colour and kind) instead of learning it")
     p.add_argument("--variants", type=int, default=1, help="perfect tokens: each colour and kind has this many "
                    "random vectors, one drawn for every shape in every cell (1: one exact vector each)")
+    p.add_argument("--single_cell", action="store_true", help="perfect tokens: a shape's vectors only in the cell "
+                   "that holds its centre (one token per shape) instead of in every cell its disc reaches")
     p.add_argument("--graded", action="store_true", help="perfect tokens: a shape's vectors scaled by the share of "
                    "the cell its disc covers (x 64^2 / (pi 22^2): 1 for a small shape wholly inside), as pixels are")
     p.add_argument("--offset", type=float, default=0.0, help="perfect tokens: add one random vector of N(0, "
@@ -318,7 +325,8 @@ def run(args):
     tok = data.Tokenizer.from_vocab(args.vocab, cfg.max_text_len)
     model = soho.SOHO(cfg)
     if args.tokens == "perfect":
-        oracle = OracleTokens(cfg.hidden_size, args.object_scale, args.noise, args.offset, args.variants, args.graded)
+        oracle = OracleTokens(cfg.hidden_size, args.object_scale, args.noise, args.offset, args.variants, args.graded,
+                              args.single_cell)
     elif args.tokens == "resnet":
         oracle = ResNetTokens(cfg.hidden_size, args.resnet, soho.PRESETS["tiny"], args.standardise)
     else:
@@ -339,8 +347,10 @@ def run(args):
     print(f"{args.tokens} tokens | {args.num_layers} layers | lr {args.lr} | itm weight {args.itm_weight} | "
           f"mlm_prob {args.mlm_prob} | same-background negatives {args.same_background} | "
           f"ITM on clean texts {args.itm_on_clean_text} | tokens frozen {args.freeze_tokens} | "
-          f"object scale {args.object_scale} | noise {args.noise} | centred {args.centre} | offset {args.offset} | variants {args.variants} | graded {args.graded} | token scale {args.token_scale} | world {args.world or 'synthetic.py'} | standardised {args.standardise} | cell {args.cell} px | "
-          f"seed {args.seed}")
+          f"object scale {args.object_scale} | noise {args.noise} | offset {args.offset} | "
+          f"variants {args.variants} | graded {args.graded} | single cell {args.single_cell} | "
+          f"centred {args.centre} | token scale {args.token_scale} | standardised {args.standardise} | "
+          f"world {args.world or 'synthetic.py'} | cell {args.cell} px | seed {args.seed}")
     oracle.eval()
     shape = geometry(oracle, held_out[0][:64])
     oracle.train()

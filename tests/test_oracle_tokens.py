@@ -163,3 +163,18 @@ def test_graded_and_variant_tokens_scale_or_swap_the_shapes_vectors():
             assert len(v) == 1  # one variant, the same for the colour and the kind
             seen.add(v[0])
     assert seen == {0, 1, 2, 3}
+
+
+def test_single_cell_puts_a_shape_only_in_the_cell_of_its_centre():
+    big = synthetic.Thing("circle", "blue", "big", x=70, y=70, r=40, rgb=(45, 85, 215))  # reaches cells (0..1, 0..1)
+    scene = synthetic.Scene(width=256, height=256, background="teal", bg_rgb=(40, 130, 130), things=(big,))
+    torch.manual_seed(0)
+    spread, single = oracle_tokens.OracleTokens(8), oracle_tokens.OracleTokens(8, single_cell=True)
+    single.load_state_dict(spread.state_dict())
+    teal = spread.background.weight[oracle_tokens.BACKGROUNDS.index("teal")]
+    with torch.no_grad():
+        everywhere, _, _ = spread([scene])
+        once, _, _ = single([scene])
+    assert [i for i in range(16) if not torch.equal(everywhere[0, i], teal)] == [0, 1, 4, 5]
+    assert [i for i in range(16) if not torch.equal(once[0, i], teal)] == [5]  # (70, 70) lies in cell (1, 1)
+    torch.testing.assert_close(once[0, 5], everywhere[0, 5])
