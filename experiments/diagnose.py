@@ -206,9 +206,10 @@ def loudness(x, background, colours, kinds):
     return out
 
 
-def cell_contents(scene, r, c, reach=0.6):
-    """(background index, [6] colours and [5] kinds 0/1) of grid cell (r, c), shapes counted as cell_colours."""
-    things = synthetic.shapes_in_cell(scene, r, c, reach=reach)
+def cell_contents(scene, r, c, reach=0.6, cell=64):
+    """(background index, [6] colours and [5] kinds 0/1) of grid cell (r, c) of `cell` pixels, shapes counted as
+    cell_colours."""
+    things = synthetic.shapes_in_cell(scene, r, c, cell, reach=reach)
     return (sorted(synthetic.SYNTH_BACKGROUNDS).index(scene.background),
             [float(any(t.color == k for t in things)) for k in sorted(SYNTH_COLORS)],
             [float(any(t.shape == k for t in things)) for k in SYNTH_SHAPES])

@@ -64,8 +64,10 @@ class OracleTokens(nn.Module):
     them only in the cell that holds the shape's centre. offset adds one random vector of N(0, offset^2) numbers to
     every cell: a part shared by all cells, as ReLU features have (their mean)."""
 
-    def __init__(self, dim, object_scale=1.0, noise=0.0, offset=0.0, variants=1, graded=False, single_cell=False):
+    def __init__(self, dim, object_scale=1.0, noise=0.0, offset=0.0, variants=1, graded=False, single_cell=False,
+                 cell=CELL):
         super().__init__()
+        self.cell = cell
         self.noise, self.variants, self.graded, self.single_cell = noise, variants, graded, single_cell
         self.draw = random.Random("oracle/variants")  # which variant each shape shows: a stream of its own
         self.background = nn.Embedding(len(BACKGROUNDS), dim)
@@ -78,22 +80,23 @@ class OracleTokens(nn.Module):
         self.register_buffer("offset", offset * torch.randn(dim) if offset else torch.zeros(dim))
 
     def forward(self, scenes):
-        gh = max(math.ceil(s.height / CELL) for s in scenes)
-        gw = max(math.ceil(s.width / CELL) for s in scenes)
+        k = self.cell
+        gh = max(math.ceil(s.height / k) for s in scenes)
+        gw = max(math.ceil(s.width / k) for s in scenes)
         dim = self.background.embedding_dim
         features = torch.zeros(len(scenes), gh * gw, dim)
         valid = torch.zeros(len(scenes), gh * gw, dtype=torch.bool)
         for b, s in enumerate(scenes):
-            for r in range(math.ceil(s.height / CELL)):
-                for c in range(math.ceil(s.width / CELL)):
+            for r in range(math.ceil(s.height / k)):
+                for c in range(math.ceil(s.width / k)):
                     i = r * gw + c
                     valid[b, i] = True
                     x = self.background.weight[BACKGROUNDS.index(s.background)]
-                    for t in synthetic.shapes_in_cell(s, r, c, CELL):  # each shape whose disc reaches the cell
-                        if self.single_cell and (int(t.y) // CELL, int(t.x) // CELL) != (r, c):
+                    for t in synthetic.shapes_in_cell(s, r, c, k):  # each shape whose disc reaches the cell
+                        if self.single_cell and (int(t.y) // k, int(t.x) // k) != (r, c):
                             continue  # single_cell: only the cell that holds the shape's centre
                         v = self.draw.randrange(self.variants) if self.variants > 1 else 0
-                        w = disc_coverage(t, r, c) * CELL ** 2 / (math.pi * 22 ** 2) if self.graded else 1.0
+                        w = disc_coverage(t, r, c, cell=k) * k ** 2 / (math.pi * 22 ** 2) if self.graded else 1.0
                         x = x + w * (self.colour.weight[COLOURS.index(t.color) * self.variants + v]
                                      + self.shape.weight[SHAPES.index(t.shape) * self.variants + v])
                     features[b, i] = x
@@ -103,10 +106,10 @@ class OracleTokens(nn.Module):
         return features, valid, (gh, gw)
 
 
-def disc_coverage(thing, r, c, samples=16):
+def disc_coverage(thing, r, c, samples=16, cell=CELL):
     """The share of grid cell (r, c) that the shape's disc covers, from samples x samples points of the cell."""
-    step = CELL / samples
-    centres = [(c * CELL + (i + 0.5) * step, r * CELL + (j + 0.5) * step)
+    step = cell / samples
+    centres = [(c * cell + (i + 0.5) * step, r * cell + (j + 0.5) * step)
                for i in range(samples) for j in range(samples)]
     return sum(math.hypot(x - thing.x, y - thing.y) < thing.r for x, y in centres) / samples ** 2
 
@@ -223,12 +226,12 @@ def forward(model, oracle, scenes, ids, mask, img_index):
 
 
 @torch.no_grad()
-def geometry(oracle, scenes):
+def geometry(oracle, scenes, cell=CELL):
     """diagnose.py's item 11 on the tokens as they enter embed_visual (before the 2-D sine position, whose norm is
     sqrt(hidden / 2)): how far apart backgrounds, colours and kinds lie, the residual, and the tokens' mean norm."""
     features, valid, (gh, gw) = oracle(scenes)
     where = [(s, i // gw, i % gw) for b, s in enumerate(scenes) for i in range(gh * gw) if valid[b, i]]
-    bg, colours, kinds = zip(*(cell_contents(s, r, c) for s, r, c in where))
+    bg, colours, kinds = zip(*(cell_contents(s, r, c, cell=cell) for s, r, c in where))
     parts = loudness(features[valid], torch.tensor(bg), torch.tensor(colours), torch.tensor(kinds))
     return {**parts, "token norm": features[valid].norm(dim=1).mean().item()}
 
@@ -285,8 +288,8 @@ def main(argv=None):
                    "as train.py --resnet reads, e.g. from pretrain_backbone.py)")
     p.add_argument("--noise", type=float, default=0.0, help="perfect tokens: add N(0, noise^2) to every number of "
                    "every cell at every forward (the residual's norm is then ~noise x a colour vector's)")
-    p.add_argument("--cell", type=int, default=CELL, help="cell-pixels tokens: the side of a token's cell in "
-                   "pixels (64: Eq. 1's stride; 32: a grid four times as fine)")
+    p.add_argument("--cell", type=int, default=CELL, help="perfect and cell-pixels tokens: the side of a token's "
+                   "cell in pixels (64: Eq. 1's stride; 32: a grid four times as fine)")
     p.add_argument("--object_scale", type=float, default=1.0, help="perfect tokens: the shapes' embeddings start "
                    "at this scale against the background's (1: the same)")
     p.add_argument("--freeze_tokens", action="store_true", help="keep the token encoder at its initialisation "
@@ -326,7 +329,7 @@ def run(args):
     model = soho.SOHO(cfg)
     if args.tokens == "perfect":
         oracle = OracleTokens(cfg.hidden_size, args.object_scale, args.noise, args.offset, args.variants, args.graded,
-                              args.single_cell)
+                              args.single_cell, args.cell)
     elif args.tokens == "resnet":
         oracle = ResNetTokens(cfg.hidden_size, args.resnet, soho.PRESETS["tiny"], args.standardise)
     else:
@@ -352,7 +355,7 @@ def run(args):
           f"centred {args.centre} | token scale {args.token_scale} | standardised {args.standardise} | "
           f"world {args.world or 'synthetic.py'} | cell {args.cell} px | seed {args.seed}")
     oracle.eval()
-    shape = geometry(oracle, held_out[0][:64])
+    shape = geometry(oracle, held_out[0][:64], args.cell if args.tokens != "resnet" else CELL)
     oracle.train()
     print(f"tokens at the start (position norm {math.sqrt(cfg.hidden_size / 2):.2f}): "
           + ", ".join(f"{k} {v:.2f}" for k, v in shape.items()), flush=True)
@@ -381,7 +384,7 @@ def run(args):
                   ", ".join(f"{k} {v:.3f}" for k, v in scores.items()), flush=True)
             if step == args.steps:
                 oracle.eval()
-                shape = geometry(oracle, held_out[0][:64])
+                shape = geometry(oracle, held_out[0][:64], args.cell if args.tokens != "resnet" else CELL)
                 oracle.train()
                 print("tokens at the end: " + ", ".join(f"{k} {v:.2f}" for k, v in shape.items()), flush=True)
     return scores

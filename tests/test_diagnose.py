@@ -162,3 +162,5 @@ def test_cell_contents_name_what_the_cell_holds():
     assert kinds == [float(k == "star") for k in synthetic.SYNTH_SHAPES]
     _, empty_colours, empty_kinds = diagnose.cell_contents(scene, 3, 3)
     assert sum(empty_colours) == 0 and sum(empty_kinds) == 0
+    _, fine_colours, _ = diagnose.cell_contents(scene, 3, 3, cell=32)  # (96, 96) is that 32-px cell's corner
+    assert fine_colours == colours

@@ -178,3 +178,10 @@ def test_single_cell_puts_a_shape_only_in_the_cell_of_its_centre():
     assert [i for i in range(16) if not torch.equal(everywhere[0, i], teal)] == [0, 1, 4, 5]
     assert [i for i in range(16) if not torch.equal(once[0, i], teal)] == [5]  # (70, 70) lies in cell (1, 1)
     torch.testing.assert_close(once[0, 5], everywhere[0, 5])
+    fine, fine_valid, fine_grid = oracle_tokens.OracleTokens(8, cell=32)([scene])  # a grid four times as fine
+    assert fine_grid == (8, 8) and fine_valid.all()
+    def reached(r, c):  # the disc comes within its radius of the 32-px cell's square
+        dx, dy = max(32 * c - 70, 0, 70 - (32 * c + 31)), max(32 * r - 70, 0, 70 - (32 * r + 31))
+        return (dx * dx + dy * dy) ** 0.5 < 40
+    assert [i for i in range(64) if not torch.equal(fine[0, i], fine[0, 63])] == \
+        [8 * r + c for r in range(8) for c in range(8) if reached(r, c)]  # 13 cells: 4 x 4 less three corners
