@@ -2,7 +2,8 @@
 An ImageNet stand-in for the tiny preset: pre-train its ResNet to name what each 64x64 cell of a synthetic scene
 holds, then start SOHO's pre-training from it, as the paper starts from ImageNet weights (Sec. 4.1).
 
-    python experiments/pretrain_backbone.py [--steps 600] [--fixed_head] [--out runs/backbone/resnet.pt]
+    python experiments/pretrain_backbone.py [--steps 600] [--fixed_head] [--world VARIANT]
+                                            [--out runs/backbone/resnet.pt]
     python train.py --resnet runs/backbone/resnet.pt
 
 Why: the tiny model trains its ResNet from scratch, and "Where the objects are lost" (README) finds that nothing
@@ -88,9 +89,19 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--fixed_head", action="store_true", help="a head of fixed random rows of norm 1 (head_of)")
+    p.add_argument("--world", default="", help="a world variant of world_variants.py to draw the scenes from "
+                   "(empty: synthetic.py's own)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/backbone/resnet.pt")
     args = p.parse_args(argv)
+    if args.world:
+        from world_variants import variant  # noqa: E402  (experiments/ is this script's own folder)
+        with variant(args.world):
+            return run(args)
+    return run(args)
+
+
+def run(args):
     torch.manual_seed(args.seed)
     cfg = soho.PRESETS["tiny"]
     backbone = backbone_of(cfg).train()

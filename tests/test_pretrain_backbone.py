@@ -47,3 +47,18 @@ def test_a_fixed_head_has_unit_rows_no_bias_and_is_not_trained():
     torch.testing.assert_close(head.weight.norm(dim=1), torch.ones(17))
     assert (head.bias == 0).all() and not any(p.requires_grad for p in head.parameters())
     assert all(p.requires_grad for p in pretrain_backbone.head_of(backbone).parameters())
+
+
+def test_a_run_on_a_world_variant_draws_its_scenes_and_restores_synthetic(tmp_path, monkeypatch):
+    drawn, plain = [], synthetic.random_scene
+    out = str(tmp_path / "resnet.pt")
+
+    def recording_cell_losses(backbone, head, scenes, cfg):
+        drawn.extend(scenes)
+        return real_cell_losses(backbone, head, scenes, cfg)
+    real_cell_losses = pretrain_backbone.cell_losses
+    monkeypatch.setattr(pretrain_backbone, "cell_losses", recording_cell_losses)
+    pretrain_backbone.main(["--steps", "1", "--batch", "40", "--world", "close-ups", "--out", out])
+    assert synthetic.random_scene is plain
+    assert any(t.r >= 80 for s in drawn for t in s.things)  # close-ups: radius 80-110, never drawn by synthetic.py
+    assert os.path.isfile(out)
