@@ -134,12 +134,6 @@ def colour_probe(model, cfg, n_train=600, n_test=300):
         majority
 
 
-def cell_colours(scene, r, c):
-    """[6] 0/1: which colours have a shape reaching into grid cell (r, c) (its centre within 0.6 radii of it)."""
-    hit = {t.color for t in synthetic.shapes_in_cell(scene, r, c, reach=0.6)}
-    return [float(k in hit) for k in sorted(SYNTH_COLORS)]
-
-
 def cell_pixels(images, grid, cell=64):
     """[B, gh * gw, 48]: each cell x cell square of the token grid (64: Eq. 1's) as the mean colour of its sixteen
     (cell/4)x(cell/4) blocks (3 x 4 x 4 numbers, channel first, then block row, then block column), images padded
@@ -177,7 +171,7 @@ def cell_colour_probe(model, cfg, n_train=400, n_test=200):
     parts = {}
     for part, n in (("train", n_train), ("test", n_test)):
         rows, where = cell_rows(model, cfg, scenes(n, f"cells/{part}"))
-        parts[part] = (rows, torch.tensor([cell_colours(s, r, c) for s, r, c in where]))
+        parts[part] = (rows, torch.tensor([cell_contents(s, r, c)[1] for s, r, c in where]))
     (x_train, y_train), (x_test, y_test) = parts["train"], parts["test"]
     with torch.enable_grad():
         return {(name, k): probe(x_train[k], y_train, x_test[k], y_test)
@@ -207,8 +201,8 @@ def loudness(x, background, colours, kinds):
 
 
 def cell_contents(scene, r, c, reach=0.6, cell=64):
-    """(background index, [6] colours and [5] kinds 0/1) of grid cell (r, c) of `cell` pixels, shapes counted as
-    cell_colours."""
+    """(background index, [6] colours and [5] kinds 0/1) of grid cell (r, c) of `cell` pixels: the shapes whose
+    centre lies within `reach` x their radius of the cell."""
     things = synthetic.shapes_in_cell(scene, r, c, cell, reach=reach)
     return (sorted(synthetic.SYNTH_BACKGROUNDS).index(scene.background),
             [float(any(t.color == k for t in things)) for k in sorted(SYNTH_COLORS)],

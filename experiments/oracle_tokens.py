@@ -48,6 +48,8 @@ import soho  # noqa: E402
 import synthetic  # noqa: E402
 # experiments/ is this script's own folder
 from diagnose import cell_contents, cell_pixels, loudness, mask_first_of  # noqa: E402
+from pretrain_backbone import backbone_of  # noqa: E402
+from world_variants import variant  # noqa: E402
 from synthetic import SYNTH_BACKGROUNDS, SYNTH_COLORS, SYNTH_SHAPES  # noqa: E402
 
 BACKGROUNDS, COLOURS, SHAPES = sorted(SYNTH_BACKGROUNDS), sorted(SYNTH_COLORS), list(SYNTH_SHAPES)
@@ -143,9 +145,7 @@ class ResNetTokens(nn.Module):
     def __init__(self, dim, resnet, cfg, standardise=False):
         super().__init__()
         self.standardise = standardise
-        self.backbone = soho.ResNet(cfg.resnet_depth, cfg.resnet_width, cfg.backbone_bn,
-                                    zero_init_residual=cfg.zero_init_residual,
-                                    average_downsample=cfg.average_downsample)
+        self.backbone = backbone_of(cfg)
         soho.load_resnet_weights(self.backbone, resnet)
         self.backbone.requires_grad_(False).eval()
         self.projection = nn.Conv2d(self.backbone.out_channels, dim, kernel_size=1)
@@ -228,8 +228,11 @@ def forward(model, oracle, scenes, ids, mask, img_index):
 @torch.no_grad()
 def geometry(oracle, scenes, cell=CELL):
     """diagnose.py's item 11 on the tokens as they enter embed_visual (before the 2-D sine position, whose norm is
-    sqrt(hidden / 2)): how far apart backgrounds, colours and kinds lie, the residual, and the tokens' mean norm."""
-    features, valid, (gh, gw) = oracle(scenes)
+    sqrt(hidden / 2)): how far apart backgrounds, colours and kinds lie, the residual, and the tokens' mean norm.
+    The encoder is measured in eval mode and left in the mode it was in."""
+    was_training = oracle.training
+    features, valid, (gh, gw) = oracle.eval()(scenes)
+    oracle.train(was_training)
     where = [(s, i // gw, i % gw) for b, s in enumerate(scenes) for i in range(gh * gw) if valid[b, i]]
     bg, colours, kinds = zip(*(cell_contents(s, r, c, cell=cell) for s, r, c in where))
     parts = loudness(features[valid], torch.tensor(bg), torch.tensor(colours), torch.tensor(kinds))
@@ -313,11 +316,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocab", default=os.path.join(synthetic.default_data_root(), "vocab.txt"))
     args = p.parse_args(argv)
-    if args.world:
-        from world_variants import variant  # noqa: E402  (experiments/ is this script's own folder)
-        with variant(args.world):
-            return run(args)
-    return run(args)
+    with variant(args.world):
+        return run(args)
 
 
 def run(args):
@@ -354,9 +354,8 @@ def run(args):
           f"variants {args.variants} | graded {args.graded} | single cell {args.single_cell} | "
           f"centred {args.centre} | token scale {args.token_scale} | standardised {args.standardise} | "
           f"world {args.world or 'synthetic.py'} | cell {args.cell} px | seed {args.seed}")
-    oracle.eval()
-    shape = geometry(oracle, held_out[0][:64], args.cell if args.tokens != "resnet" else CELL)
-    oracle.train()
+    cell = CELL if args.tokens == "resnet" else args.cell  # the side of a token's cell, for item 11's labels
+    shape = geometry(oracle, held_out[0][:64], cell)
     print(f"tokens at the start (position norm {math.sqrt(cfg.hidden_size / 2):.2f}): "
           + ", ".join(f"{k} {v:.2f}" for k, v in shape.items()), flush=True)
     for step in range(1, args.steps + 1):
@@ -383,9 +382,7 @@ def run(args):
             print(f"step {step:5d}  itm loss {itm.item():.3f}  held-out: " +
                   ", ".join(f"{k} {v:.3f}" for k, v in scores.items()), flush=True)
             if step == args.steps:
-                oracle.eval()
-                shape = geometry(oracle, held_out[0][:64], args.cell if args.tokens != "resnet" else CELL)
-                oracle.train()
+                shape = geometry(oracle, held_out[0][:64], cell)
                 print("tokens at the end: " + ", ".join(f"{k} {v:.2f}" for k, v in shape.items()), flush=True)
     return scores
 

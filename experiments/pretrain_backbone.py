@@ -31,6 +31,7 @@ import soho  # noqa: E402
 import synthetic  # noqa: E402
 import train  # noqa: E402
 from synthetic import SYNTH_BACKGROUNDS, SYNTH_COLORS, SYNTH_SHAPES  # noqa: E402
+from world_variants import variant  # noqa: E402  (experiments/ is this script's own folder)
 
 BACKGROUNDS, COLOURS, SHAPES = sorted(SYNTH_BACKGROUNDS), sorted(SYNTH_COLORS), list(SYNTH_SHAPES)
 
@@ -94,11 +95,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/backbone/resnet.pt")
     args = p.parse_args(argv)
-    if args.world:
-        from world_variants import variant  # noqa: E402  (experiments/ is this script's own folder)
-        with variant(args.world):
-            return run(args)
-    return run(args)
+    with variant(args.world):
+        return run(args)
 
 
 def run(args):

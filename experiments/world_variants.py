@@ -15,8 +15,8 @@ synthetic.py, into a folder of its own; pre-train on it with --data:
     ten-backgrounds   four more background colours (sky, lime, maroon, sand): one time in 10
     grid              every shape centred in a 64x64 cell of the token grid, one shape per cell, radius 20-22 px
                       (small) or 27-29 (big): each shape shows wholly in exactly one token, as near as pixels come
-                      to perfect tokens' one vector per colour at full size. Measured (README): perfect tokens on this world are
-                      not read in 1,000 steps, nor are pixels in 1,500
+                      to perfect tokens' one vector per colour at full size. Measured (README): perfect
+                      tokens on this world are not read in 1,000 steps, nor are pixels in 1,500
     close-ups         three scenes in ten are one shape of radius 80-110 px that fills much of the image (a
                       close-up): its colour and kind are a property of the whole image, as the background is
 
@@ -124,7 +124,11 @@ def grid_scene(plain_scene):
 
 @contextlib.contextmanager
 def variant(name):
-    """synthetic.py's world changed as `name` says while the block runs; restored afterwards."""
+    """synthetic.py's world changed as `name` says while the block runs; restored afterwards. An empty name leaves
+    synthetic.py's own world as it is (so that a script's --world flag can always go through here)."""
+    if not name:
+        yield
+        return
     if name not in VARIANTS:
         raise ValueError(f"unknown world variant {name!r}: expected one of {', '.join(VARIANTS)}")
     saved = {k: getattr(synthetic, k) for k in ("SYNTH_SIZES", "SYNTH_BACKGROUNDS", "random_scene", "render_scene")}
