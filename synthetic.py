@@ -47,7 +47,8 @@ SYNTH_BACKGROUNDS = {"white": (236, 236, 230), "gray": (150, 150, 150), "black":
                      "pink": (240, 170, 200), "teal": (40, 130, 130)}
 SYNTH_IMAGE_SIZES = ((256, 256), (288, 256), (320, 256), (256, 288), (256, 320))  # (width, height)
 SYNTH_MANIFEST = "SYNTHETIC_WORLD.json"
-SYNTH_VERSION = 2  # 2: six backgrounds, and every caption names its background
+SYNTH_VERSION = 3  # 2: six backgrounds, and every caption names its background; 3: VQA, SNLI-VE and NLVR2 ask
+#                   about the background too
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
@@ -305,7 +306,10 @@ def synth_questions(scene, rng, n=3):
         t = rng.choice(_unique(scene, lambda t: (t.color, t.shape)) or [None])
         return t and (f"what size is the {_noun(t)}?", t.size, "other", "what size is the", "size")
 
-    makers = (colour, shape, count_shape, count_colour, count_all, exists, exists, relation, where, size)
+    def background():  # the scene, as VQA's "what room is this?"
+        return ("what color is the background?", scene.background, "other", "what color is the", "background")
+
+    makers = (colour, shape, count_shape, count_colour, count_all, exists, exists, relation, where, size, background)
     questions = []
     for _ in range(100):
         q = rng.choice(makers)()
@@ -317,7 +321,8 @@ def synth_questions(scene, rng, n=3):
 
 
 _ANSWER_CHOICES = {"color": sorted(SYNTH_COLORS), "shape": list(SYNTH_SHAPES), "yesno": ["yes", "no"],
-                   "position": ["left", "right", "top", "bottom", "middle"], "size": ["small", "big"]}
+                   "position": ["left", "right", "top", "bottom", "middle"], "size": ["small", "big"],
+                   "background": sorted(SYNTH_BACKGROUNDS)}
 
 
 def synth_human_answers(answer, kind, rng):
@@ -346,7 +351,9 @@ def synth_human_answers(answer, kind, rng):
 
 
 # ---- Statements: true, false (one attribute changed) or undecidable ----
-# SNLI-VE's hypotheses about one image, and NLVR2's sentences about a pair of images.
+# SNLI-VE's hypotheses about one image, and NLVR2's sentences about a pair of images. Most are about the shapes;
+# about a quarter are about the scene, the background, as many of the real ones are ("The people are outdoors").
+# A statement about the scene is written alike whether it is true or false: only the image tells them apart.
 
 def _holds(scene, fact, weak=False):
     """Whether a fact is true of a scene; weak=True reads relations loosely (to be sure a contradiction is false)."""
@@ -358,6 +365,8 @@ def _holds(scene, fact, weak=False):
         return len(things) == fact[1]
     if kind == "all_color":
         return all(t.color == fact[1] for t in things)
+    if kind == "background":
+        return scene.background == fact[1]
     _, c1, s1, rel, c2, s2 = fact  # relation
     pairs = [(a, b) for a in things for b in things
              if a is not b and (a.color, a.shape) == (c1, s1) and (b.color, b.shape) == (c2, s2)]
@@ -366,7 +375,9 @@ def _holds(scene, fact, weak=False):
 
 def _true_fact(scene, rng):
     t = rng.choice(scene.things)
-    kind = rng.choice(("exists", "exists", "count", "relation", "relation", "all_color"))
+    kind = rng.choice(("exists", "exists", "count", "relation", "relation", "all_color", "background", "background"))
+    if kind == "background":
+        return ("background", scene.background)
     pair = _related_pair(scene.things, rng) if kind == "relation" else None
     if pair is not None:
         a, b, rel = pair
@@ -392,6 +403,8 @@ def _change_one_attribute(fact, rng):
         return ("count", max(1, fact[1] + rng.choice((-1, 1))))
     if kind == "all_color":
         return ("all_color", rng.choice([x for x in SYNTH_COLORS if x != fact[1]]))
+    if kind == "background":
+        return ("background", rng.choice([x for x in sorted(SYNTH_BACKGROUNDS) if x != fact[1]]))
     _, c1, s1, rel, c2, s2 = fact
     if rng.random() < 0.5:
         return ("relation", c1, s1, OPPOSITE[rel], c2, s2)
@@ -409,6 +422,10 @@ def _say(fact, rng):
         return "There is exactly one shape." if n == 1 else f"The picture shows {NUMBER_WORDS[n]} shapes."
     if kind == "all_color":
         return f"All the shapes are {fact[1]}."
+    if kind == "background":
+        bg = fact[1]
+        return rng.choice((f"The shapes are on a {bg} background.", f"The background is {bg}.",
+                           f"The picture has a {bg} background."))
     _, c1, s1, rel, c2, s2 = fact
     return f"{_a(c1 + ' ' + s1).capitalize()} is {rel} {_a(c2 + ' ' + s2)}."
 
@@ -449,8 +466,17 @@ def synth_nlvr2_statement(rng):
     n = rng.randint(1, 3)
     z = rng.choice(("small", "big"))
     rel = rng.choice(sorted(OPPOSITE))
+    bg = rng.choice(sorted(SYNTH_BACKGROUNDS))
     has = lambda scene: _count(scene, c, s) > 0
-    kind = rng.randrange(8)
+    kind = rng.randrange(11)
+    if kind == 8:  # kinds 8-10: the scene
+        return (f"Both images have a {bg} background.",
+                lambda L, R: L.background == bg and R.background == bg, [(c, s)])
+    if kind == 9:
+        return f"The left image has a {bg} background.", lambda L, R: L.background == bg, [(c, s)]
+    if kind == 10:
+        return (f"Exactly one image has a {bg} background.",
+                lambda L, R: (L.background == bg) != (R.background == bg), [(c, s)])
     if kind == 0:
         return (f"The left image contains exactly {NUMBER_WORDS[n]} {c} {_plural('shape', n)}.",
                 lambda L, R: _count(L, color=c) == n, [(c, s)])

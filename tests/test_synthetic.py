@@ -3,6 +3,7 @@ seconds)."""
 
 import json
 import os
+import random
 import sys
 
 import pytest
@@ -52,8 +53,38 @@ def test_synthetic_vqa_vocabulary_clears_the_official_threshold(tmp_path):
     synthetic.write_synthetic_world(root, seed=1, n_images=600)  # 1,800 train+val questions; the default has 6,000
     vocab = data.build_vqa_answer_vocab(root)  # min_count=9, as for the real data
     every_answer = (set(synthetic.SYNTH_COLORS) | set(synthetic.SYNTH_SHAPES) | {"0", "1", "2", "3", "4", "yes", "no"}
-                    | {"left", "right", "top", "bottom", "middle", "small", "big"})
+                    | {"left", "right", "top", "bottom", "middle", "small", "big"} | set(synthetic.SYNTH_BACKGROUNDS))
     assert set(vocab) == every_answer
+
+
+def test_statements_about_the_scene_are_told_apart_by_the_image_alone():
+    """SNLI-VE's and NLVR2's statements about the background: the label is the truth, and a true statement is
+    worded like a false one (the same templates, every background named under both labels)."""
+    rng = random.Random(0)
+    templates, named = {"entailment": set(), "contradiction": set()}, {"entailment": set(), "contradiction": set()}
+    for _ in range(400):
+        scene = synthetic.random_scene(rng)
+        for hypothesis, label in synthetic.synth_hypotheses(scene, rng):
+            bg = next((b for b in synthetic.SYNTH_BACKGROUNDS if f" {b}" in hypothesis), None)
+            if "background" not in hypothesis or label == "neutral":
+                continue
+            assert (bg == scene.background) == (label == "entailment"), (hypothesis, label, scene.background)
+            templates[label].add(hypothesis.replace(bg, "X"))
+            named[label].add(bg)
+    assert templates["entailment"] == templates["contradiction"] and len(templates["entailment"]) == 3
+    assert named["entailment"] == named["contradiction"] == set(synthetic.SYNTH_BACKGROUNDS)
+
+    left, right = synthetic.random_scene(random.Random(1)), synthetic.random_scene(random.Random(2))
+    left, right = left._replace(background="teal"), right._replace(background="pink")
+    truth = {"Both images have a teal background.": False, "The left image has a teal background.": True,
+             "Exactly one image has a teal background.": True, "Both images have a pink background.": False,
+             "The left image has a pink background.": False, "Exactly one image has a white background.": False}
+    seen = {}
+    for _ in range(3000):
+        sentence, predicate, _ = synthetic.synth_nlvr2_statement(rng)
+        if sentence in truth:
+            seen[sentence] = predicate(left, right)
+    assert seen == truth
 
 
 def test_ensure_synthetic_world_is_a_noop_when_present(tmp_path):
