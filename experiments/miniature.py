@@ -21,7 +21,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
 import evaluate  # noqa: E402
+import synthetic  # noqa: E402
 import train  # noqa: E402
 
 PRETRAININGS = {"vd128": [], "no-vd": ["--use_vd=false"], "vd32": ["--vd_size=32"], "vd512": ["--vd_size=512"],
@@ -39,6 +41,45 @@ FINE_TUNING = {
 }
 
 
+def about_the_scene(text):
+    """Whether a question or statement of the synthetic world is about the scene (its background) rather than
+    the shapes: the pre-trained model sees the scene and not the shapes (README), so the two are scored apart."""
+    return "background" in text.lower()
+
+
+def scene_and_objects(task, result, data_root):
+    """The evaluation's score split into the questions/statements about the scene and the others:
+    {"scene": score, "objects": score, "n_scene": count, "n_objects": count} (VQA: accuracy, the others: share
+    correct; in percent). Retrieval has no such split (every caption names the scene): None."""
+    hits = {True: [], False: []}
+    if task == "vqa":
+        vqa_dir = os.path.join(data_root, "vqa")
+        questions = data.read_json(os.path.join(vqa_dir, data.VQA_QUESTION_FILES["val2014"]), "VQA questions")["questions"]
+        annotations = data.read_json(os.path.join(vqa_dir, data.VQA_ANNOTATION_FILES["val2014"]), "VQA answers")["annotations"]
+        text = {q["question_id"]: q["question"] for q in questions}
+        human = {a["question_id"]: [x["answer"] for x in a["answers"]] for a in annotations}
+        for row in result["answers_file"]:
+            qid = row["question_id"]
+            hits[about_the_scene(text[qid])].append(evaluate.vqa_accuracy(row["answer"], human[qid]))
+    elif task == "nlvr2":
+        lines = data.read_json_lines(os.path.join(data_root, "nlvr2", f"{result['split']}.json"), "NLVR2")
+        truth = {r["identifier"]: (r["sentence"], int(r["label"] == "True")) for _, r in lines}
+        for identifier, prediction in result["predictions"].items():
+            sentence, label = truth[identifier]
+            hits[about_the_scene(sentence)].append(float(prediction == label))
+    elif task == "snli-ve":
+        lines = data.read_json_lines(os.path.join(data_root, "snli-ve", f"snli_ve_{result['split']}.jsonl"), "SNLI-VE")
+        truth = {r["pairID"]: (r["sentence2"], r["gold_label"]) for _, r in lines}
+        for pair_id, prediction in result["predictions"].items():
+            hypothesis, label = truth[pair_id]
+            hits[about_the_scene(hypothesis)].append(float(prediction == label))
+    else:
+        return None
+    mean = lambda v: 100.0 * sum(v) / len(v) if v else float("nan")
+    return {"scene": mean(hits[True]), "objects": mean(hits[False]), "n_scene": len(hits[True]),
+            "n_objects": len(hits[False])}
+
+
 def done_keys(path):
     if not os.path.isfile(path):
         return set()
@@ -50,6 +91,13 @@ def record(path, key, **fields):
     with open(path, "a") as f:
         f.write(json.dumps({"key": key, **fields}) + "\n")
     print(f"[miniature] {key}: {fields}", flush=True)
+
+
+def spread(values):
+    """"mean (lowest-highest, n seeds)" of a cell's values; one value as it is."""
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{sum(values) / len(values):.1f} ({min(values):.1f}-{max(values):.1f}, {len(values)} seeds)"
 
 
 def report(path):
@@ -71,13 +119,18 @@ def report(path):
         out = []
         for init in inits:
             v = cells.get((task, init), [])
-            if not v:
-                out.append("not run")
-            elif len(v) == 1:
-                out.append(f"{v[0]:.1f}")
-            else:
-                out.append(f"{sum(v) / len(v):.1f} ({min(v):.1f}-{max(v):.1f}, {len(v)} seeds)")
+            out.append(spread(v) if v else "not run")
         lines.append(f"| {names[task]} | " + " | ".join(out) + " |")
+    lines += ["", "The same, split: about the scene (the background) / about the shapes (how many of each)",
+              "", "| task | " + " | ".join(inits) + " |", "| --- |" + " --- |" * len(inits)]
+    for task in ("vqa", "nlvr2", "snli-ve"):
+        out = []
+        for init in inits:
+            split = [r["by_kind"] for r in rows if r.get("task") == task and r["init"] == init and r.get("by_kind")]
+            out.append(" / ".join(spread([b[k] for b in split]) for k in ("scene", "objects")) if split else "-")
+        counts = next((f" ({r['by_kind']['n_scene']} / {r['by_kind']['n_objects']})" for r in rows
+                       if r.get("task") == task and r.get("by_kind")), "")
+        lines.append(f"| {names[task]}{counts} | " + " | ".join(out) + " |")
     pre = [r for r in rows if r["key"].startswith("pretrain/")]
     lines += ["", "| pre-training | minutes | MLM acc | MVM acc | held-out ITM acc (matched / mismatched) | "
               "VD entries used (share of k) | VD perplexity |", "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -161,7 +214,8 @@ def main():
                 fine = train.main(flags)
                 result = evaluate.main(["--task", task, "--checkpoint", os.path.join(run, "ckpt.pt"), *eval_flags])
                 record(results, key, task=task, init=init, seed=seed, minutes=(time.time() - t0) / 60,
-                       metrics=pick(result), train_final=fine)
+                       metrics=pick(result), train_final=fine,
+                       by_kind=scene_and_objects(task, result, synthetic.default_data_root()))
 
 
 if __name__ == "__main__":
