@@ -50,7 +50,8 @@ def about_the_scene(text):
 def scene_and_objects(task, result, data_root):
     """The evaluation's score split into the questions/statements about the scene and the others:
     {"scene": score, "objects": score, "n_scene": count, "n_objects": count} (VQA: accuracy, the others: share
-    correct; in percent). Retrieval has no such split (every caption names the scene): None."""
+    correct; in percent). VQA's answers are read from result["answers_path"], where evaluate.py wrote them (or
+    from result["answers_file"]). Retrieval has no such split (every caption names the scene): None."""
     hits = {True: [], False: []}
     if task == "vqa":
         vqa_dir = os.path.join(data_root, "vqa")
@@ -58,7 +59,8 @@ def scene_and_objects(task, result, data_root):
         annotations = data.read_json(os.path.join(vqa_dir, data.VQA_ANNOTATION_FILES["val2014"]), "VQA answers")["annotations"]
         text = {q["question_id"]: q["question"] for q in questions}
         human = {a["question_id"]: [x["answer"] for x in a["answers"]] for a in annotations}
-        for row in result["answers_file"]:
+        answers = result.get("answers_file") or data.read_json(result["answers_path"], "VQA answers file")
+        for row in answers:
             qid = row["question_id"]
             hits[about_the_scene(text[qid])].append(evaluate.vqa_accuracy(row["answer"], human[qid]))
     elif task == "nlvr2":

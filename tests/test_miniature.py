@@ -94,4 +94,6 @@ def test_scene_and_objects_scores_each_kind_apart(bigger_world):
                for a in annotations]
     split = miniature.scene_and_objects("vqa", {"answers_file": answers}, root)
     assert split["scene"] > 90.0 and split["objects"] == 0.0 and split["n_scene"] > 0
+    data.write_json(os.path.join(root, "answers.json"), answers)  # as evaluate.main returns it: a path
+    assert miniature.scene_and_objects("vqa", {"answers_path": os.path.join(root, "answers.json")}, root) == split
     assert miniature.scene_and_objects("retrieval", {}, root) is None
