@@ -98,8 +98,9 @@ plt.tight_layout()
 # %% [markdown]
 # Read the confusion matrix before the accuracy. The synthetic world's neutral hypotheses have a wording of
 # their own ("someone is about to ...", "made of wood"), so the text alone gives them away. Telling entailment
-# from contradiction needs the image (a contradiction is a true statement with one attribute changed); the
-# bottom two rows show how far a minute of pre-training and a minute of fine-tuning got with that.
+# from contradiction needs the image (a contradiction is a true statement with one attribute changed: a shape's
+# colour, kind or count, or, in a quarter of them, the background); the bottom two rows show how far a minute of
+# pre-training and a minute of fine-tuning got with that.
 #
 # ## What this notebook claims
 
