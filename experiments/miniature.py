@@ -55,8 +55,9 @@ def scene_and_objects(task, result, data_root):
     hits = {True: [], False: []}
     if task == "vqa":
         vqa_dir = os.path.join(data_root, "vqa")
-        questions = data.read_json(os.path.join(vqa_dir, data.VQA_QUESTION_FILES["val2014"]), "VQA questions")["questions"]
-        annotations = data.read_json(os.path.join(vqa_dir, data.VQA_ANNOTATION_FILES["val2014"]), "VQA answers")["annotations"]
+        questions = data.read_json(os.path.join(vqa_dir, data.VQA_QUESTION_FILES["val2014"]), "VQA questions")
+        annotations = data.read_json(os.path.join(vqa_dir, data.VQA_ANNOTATION_FILES["val2014"]), "VQA answers")
+        questions, annotations = questions["questions"], annotations["annotations"]
         text = {q["question_id"]: q["question"] for q in questions}
         human = {a["question_id"]: [x["answer"] for x in a["answers"]] for a in annotations}
         answers = result.get("answers_file") or data.read_json(result["answers_path"], "VQA answers file")
@@ -70,7 +71,8 @@ def scene_and_objects(task, result, data_root):
             sentence, label = truth[identifier]
             hits[about_the_scene(sentence)].append(float(prediction == label))
     elif task == "snli-ve":
-        lines = data.read_json_lines(os.path.join(data_root, "snli-ve", f"snli_ve_{result['split']}.jsonl"), "SNLI-VE")
+        path = os.path.join(data_root, "snli-ve", f"snli_ve_{result['split']}.jsonl")
+        lines = data.read_json_lines(path, "SNLI-VE")
         truth = {r["pairID"]: (r["sentence2"], r["gold_label"]) for _, r in lines}
         for pair_id, prediction in result["predictions"].items():
             hypothesis, label = truth[pair_id]

@@ -48,7 +48,8 @@ def test_report_splits_scene_from_shapes(tmp_path, capsys):
     rows = [{"key": f"snli-ve/{init}/seed{seed}", "task": "snli-ve", "init": init, "seed": seed,
              "metrics": {"accuracy": 50.0},
              "by_kind": {"scene": scene, "objects": 40.0, "n_scene": 48, "n_objects": 252}}
-            for init, scenes in (("scratch", (50.0, 52.0)), ("vd128", (90.0, 100.0))) for seed, scene in enumerate(scenes)]
+            for init, scenes in (("scratch", (50.0, 52.0)), ("vd128", (90.0, 100.0)))
+            for seed, scene in enumerate(scenes)]
     path = tmp_path / "results.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     miniature.report(str(path))
