@@ -469,7 +469,9 @@ def synth_nlvr2_statement(rng):
     bg = rng.choice(sorted(SYNTH_BACKGROUNDS))
     has = lambda scene: _count(scene, c, s) > 0
     kind = rng.randrange(11)
-    if kind == 8:  # kinds 8-10: the scene
+    # Kinds 8-10 are about the scene. Their pairs are drawn until the truth is the one wanted, as for the others
+    # (_nlvr2_example); the (colour, shape) they favour only names the record's "query".
+    if kind == 8:
         return (f"Both images have a {bg} background.",
                 lambda L, R: L.background == bg and R.background == bg, [(c, s)])
     if kind == 9:
