@@ -60,6 +60,13 @@ def _jitter(rgb, rng, amount):
     return tuple(min(255, max(0, c + rng.randint(-amount, amount))) for c in rgb)
 
 
+def background_names():
+    """Every name a scene's background can have, as captions, questions and statements say it. A world variant with
+    other backgrounds replaces this function (world_variants.py's patterned one: "teal striped", ...), so that a
+    false statement about the background names one the variant can draw."""
+    return sorted(SYNTH_BACKGROUNDS)
+
+
 def random_scene(rng, n_things=None, prefer=()):
     """1-4 non-overlapping shapes on a plain background. `prefer`: (colour, shape) pairs that each shape takes
     with probability 0.6 (used to make a statement about them true often enough)."""
@@ -321,8 +328,13 @@ def synth_questions(scene, rng, n=3):
 
 
 _ANSWER_CHOICES = {"color": sorted(SYNTH_COLORS), "shape": list(SYNTH_SHAPES), "yesno": ["yes", "no"],
-                   "position": ["left", "right", "top", "bottom", "middle"], "size": ["small", "big"],
-                   "background": sorted(SYNTH_BACKGROUNDS)}
+                   "position": ["left", "right", "top", "bottom", "middle"], "size": ["small", "big"]}
+ANSWER_KINDS = (*_ANSWER_CHOICES, "background")
+
+
+def answer_choices(kind):
+    """The answers a question of this kind (one of ANSWER_KINDS) can have; the background's are the world's."""
+    return background_names() if kind == "background" else _ANSWER_CHOICES[kind]
 
 
 def synth_human_answers(answer, kind, rng):
@@ -336,7 +348,7 @@ def synth_human_answers(answer, kind, rng):
             if kind == "number":
                 a = str(max(0, int(answer) + rng.choice((-1, 1))))
             else:
-                a = rng.choice([c for c in _ANSWER_CHOICES[kind] if c != answer])
+                a = rng.choice([c for c in answer_choices(kind) if c != answer])
         r = rng.random()
         if r < 0.04:
             a = a.capitalize()
@@ -404,7 +416,7 @@ def _change_one_attribute(fact, rng):
     if kind == "all_color":
         return ("all_color", rng.choice([x for x in SYNTH_COLORS if x != fact[1]]))
     if kind == "background":
-        return ("background", rng.choice([x for x in sorted(SYNTH_BACKGROUNDS) if x != fact[1]]))
+        return ("background", rng.choice([x for x in background_names() if x != fact[1]]))
     _, c1, s1, rel, c2, s2 = fact
     if rng.random() < 0.5:
         return ("relation", c1, s1, OPPOSITE[rel], c2, s2)
@@ -466,7 +478,7 @@ def synth_nlvr2_statement(rng):
     n = rng.randint(1, 3)
     z = rng.choice(("small", "big"))
     rel = rng.choice(sorted(OPPOSITE))
-    bg = rng.choice(sorted(SYNTH_BACKGROUNDS))
+    bg = rng.choice(background_names())
     has = lambda scene: _count(scene, c, s) > 0
     kind = rng.randrange(11)
     # Kinds 8-10 are about the scene. Their pairs are drawn until the truth is the one wanted, as for the others
@@ -744,7 +756,7 @@ def _vg_regions(scene, image_id, first_region_id, rng, texts):
 
 def write_vocab(root, texts, vocab_size):
     """vocab.txt: a WordPiece vocabulary of every text of the world and every answer, so no BERT file is needed."""
-    answers = [a for kind in _ANSWER_CHOICES for a in _ANSWER_CHOICES[kind]]
+    answers = [a for kind in ANSWER_KINDS for a in answer_choices(kind)]
     data.train_wordpiece_vocab(texts + answers, os.path.join(root, "vocab.txt"), vocab_size)
 
 

@@ -75,13 +75,23 @@ def pattern_shade(rgb):
     return tuple(min(255, max(0, c + step)) for c in rgb)
 
 
+def patterned_name(colour, pattern):
+    """What captions call a background of this colour and pattern: "plain teal", "teal striped"."""
+    return f"plain {colour}" if pattern == "plain" else f"{colour} {pattern}"
+
+
 def patterned_scene(plain_scene):
     """A random_scene that also draws a pattern; its background becomes the phrase captions use."""
     def random_scene(rng, n_things=None, prefer=()):
         scene = plain_scene(rng, n_things, prefer)
         p = rng.choice(PATTERNS)
-        return scene._replace(background=f"plain {scene.background}" if p == "plain" else f"{scene.background} {p}")
+        return scene._replace(background=patterned_name(scene.background, p))
     return random_scene
+
+
+def patterned_names(plain_names):
+    """A background_names that gives every colour with every pattern, as patterned_scene names them."""
+    return lambda: sorted(patterned_name(b, p) for b in plain_names() for p in PATTERNS)
 
 
 def patterned_render(plain_render):
@@ -131,7 +141,8 @@ def variant(name):
         return
     if name not in VARIANTS:
         raise ValueError(f"unknown world variant {name!r}: expected one of {', '.join(VARIANTS)}")
-    saved = {k: getattr(synthetic, k) for k in ("SYNTH_SIZES", "SYNTH_BACKGROUNDS", "random_scene", "render_scene")}
+    patched = ("SYNTH_SIZES", "SYNTH_BACKGROUNDS", "random_scene", "render_scene", "background_names")
+    saved = {k: getattr(synthetic, k) for k in patched}
     try:
         if name == "bigger-shapes":
             synthetic.SYNTH_SIZES = {"small": (28, 36), "big": (46, 58)}
@@ -144,6 +155,7 @@ def variant(name):
         else:
             synthetic.random_scene = patterned_scene(saved["random_scene"])
             synthetic.render_scene = patterned_render(saved["render_scene"])
+            synthetic.background_names = patterned_names(saved["background_names"])
         yield
     finally:
         for k, v in saved.items():

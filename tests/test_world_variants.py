@@ -51,11 +51,11 @@ def test_a_patterned_scene_paints_only_its_background_and_captions_name_the_patt
 @pytest.mark.parametrize("name", world_variants.VARIANTS)
 def test_each_variant_writes_a_readable_world_and_restores_synthetic(tmp_path, name):
     before = (dict(synthetic.SYNTH_SIZES), dict(synthetic.SYNTH_BACKGROUNDS), synthetic.random_scene,
-              synthetic.render_scene)
+              synthetic.render_scene, synthetic.background_names)
     out = tmp_path / name
     manifest = world_variants.write_variant(name, str(out), n_images=48)
     assert (dict(synthetic.SYNTH_SIZES), dict(synthetic.SYNTH_BACKGROUNDS), synthetic.random_scene,
-            synthetic.render_scene) == before
+            synthetic.render_scene, synthetic.background_names) == before
     assert data.read_json(str(out / synthetic.SYNTH_MANIFEST), "manifest")["variant"] == name == manifest["variant"]
     records = data.read_json(str(out / "coco" / "dataset_coco.json"), "Karpathy split")["images"]
     captions = " ".join(s["raw"].lower() for r in records for s in r["sentences"])
@@ -140,3 +140,26 @@ def test_grid_shapes_sit_wholly_in_one_token_each_a_cell_of_their_own():
             cells.add((r, c))
         assert len(cells) == len(s.things)
     assert {len(s.things) for s in scenes} == {1, 2, 3, 4}
+
+
+@pytest.mark.parametrize("name", ["patterned", "ten-backgrounds"])
+def test_statements_about_the_scene_name_the_variants_backgrounds(name):
+    """With other backgrounds, a false statement about the scene names one of the variant's backgrounds (never a
+    plain colour that a patterned background also is), so true and false ones are still worded alike; the label
+    is the truth, and a VQA annotator's wrong answer is one of the variant's backgrounds too."""
+    with world_variants.variant(name):
+        names = synthetic.background_names()
+        rng = random.Random(0)
+        named = {"entailment": set(), "contradiction": set()}
+        for _ in range(1500):
+            scene = synthetic.random_scene(rng)
+            assert scene.background in names
+            for hypothesis, label in synthetic.synth_hypotheses(scene, rng):
+                if "background" in hypothesis:
+                    said = next(n for n in sorted(names, key=len, reverse=True) if n in hypothesis)
+                    assert (said == scene.background) == (label == "entailment"), (hypothesis, label, scene)
+                    named[label].add(said)
+        wrong = {a for _ in range(200) for a in synthetic.synth_human_answers(names[0], "background", rng)}
+    assert named["entailment"] == named["contradiction"] == set(names)
+    assert wrong <= set(names) | {n.capitalize() for n in names} | {n + "." for n in names} and len(wrong) > 3
+    assert len(names) == (18 if name == "patterned" else 10)
