@@ -449,6 +449,19 @@ def resize_image(img, short=600, long=1000):
     return img if size == (w, h) else img.resize(size, Image.BILINEAR)
 
 
+def image_size(path):
+    """(width, height) of an image file, read from its header without decoding the pixels (Pillow reads a few
+    kilobytes). A missing or unreadable file is a DataError naming it. EXIF orientation is not applied, as in
+    load_image, so the size is the one the model will see (up to resize_image's scaling, which keeps the shape)."""
+    if not os.path.isfile(path):
+        raise DataError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except Exception as e:  # PIL raises UnidentifiedImageError (an OSError), SyntaxError, ValueError...
+        raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}")
+
+
 def image_to_tensor(img):
     """RGB PIL image -> float32 [3, h, w] normalised with the ImageNet mean and std."""
     pixels = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
@@ -771,6 +784,36 @@ class ImageTextDataset(torch.utils.data.Dataset):
             log.warning("skipping example (%d so far in this data set): %s", self.num_skipped, e)
             return None
 
+    def example_image_path(self, i):
+        """The path of example i's image, for grouping batches by orientation (landscape_flags); None for a data
+        set whose examples have two images (NLVR2), which is not grouped."""
+        return None
+
+    def landscape_flags(self, progress=False):
+        """[len(self)] bool numpy array, True where example i's image is wider than it is tall, read from the image
+        headers once per distinct image (image_size); None for a data set whose examples cannot be grouped. For
+        train.py's AspectGroupedSampler. With text_only every image is the same square: all False, nothing read.
+        An unreadable image is a DataError, or counts as not landscape with skip_bad_images (it is skipped when
+        its example is loaded)."""
+        if len(self) == 0 or self.example_image_path(0) is None:
+            return None
+        flags, seen = np.zeros(len(self), dtype=bool), {}
+        if self.text_only:
+            return flags
+        for i in tqdm(range(len(self)), desc="image sizes (to group batches by orientation)", unit="example",
+                      disable=not progress, mininterval=2.0):
+            path = self.example_image_path(i)
+            if path not in seen:
+                try:
+                    width, height = image_size(path)
+                    seen[path] = width > height
+                except DataError:
+                    if not self.skip_bad_images:
+                        raise
+                    seen[path] = False
+            flags[i] = seen[path]
+        return flags
+
     def encode(self, text):
         return self.tokenizer.encode(text, max_len=self.max_text_len)
 
@@ -862,6 +905,9 @@ class PretrainDataset(ImageTextDataset):
 
     def __len__(self):
         return len(self.paths)
+
+    def example_image_path(self, i):
+        return self.paths[i]
 
     def captions_of(self, i):
         return [self.captions[c] for c in range(self.caption_start[i], self.caption_start[i + 1])]
@@ -963,6 +1009,9 @@ class RetrievalTrainDataset(ImageTextDataset):
 
     def __len__(self):
         return len(self.paths)
+
+    def example_image_path(self, i):
+        return self.paths[i]
 
     def __getitem__(self, i):
         rng = self.example_rng(i)
@@ -1079,6 +1128,9 @@ class VQADataset(ImageTextDataset):
                 target[self.answer_index[answer]] = vqa_soft_score(count)
         return target
 
+    def example_image_path(self, i):
+        return self.paths[self.image_of[i]]
+
     def __getitem__(self, i):
         image = self.image(self.paths[self.image_of[i]])
         if image is None:
@@ -1148,6 +1200,9 @@ class SNLIVEDataset(ImageTextDataset):
 
     def __len__(self):
         return len(self.labels)
+
+    def example_image_path(self, i):
+        return self.paths[self.image_of[i]]
 
     def __getitem__(self, i):
         image = self.image(self.paths[self.image_of[i]])

@@ -774,3 +774,33 @@ def test_tokenizer_matches_hugging_face_bert_tokenizer(hand_tok, tmp_path):
     for s in sentences:
         expected = reference(s, truncation=True, max_length=16)["input_ids"]
         assert hand_tok.encode(s) == expected, s
+
+
+def test_landscape_flags_read_each_image_header_once(world, tok, tmp_path, monkeypatch):
+    """landscape_flags: True exactly where an example's image is wider than tall (checked against the decoded
+    image), one header read per distinct image; all False for the text-only control; None for NLVR2."""
+    real_image_size = data.image_size
+    for task, split in (("pretrain", "train"), ("retrieval", "train"), ("vqa", "val"), ("snli-ve", "dev")):
+        ds = data.build_dataset(task, split, world, tok, SMALL, seed=0)
+        reads = []
+        monkeypatch.setattr(data, "image_size", lambda p: reads.append(p) or real_image_size(p))
+        flags = ds.landscape_flags()
+        paths = [ds.example_image_path(i) for i in range(len(ds))]
+        assert sorted(reads) == sorted(set(paths)), task  # each distinct image once
+        width_over_height = [data.load_image(p).size for p in paths]
+        assert flags.tolist() == [w > h for w, h in width_over_height], task
+        if task == "pretrain":  # the world has both kinds, so the check above can fail
+            assert 0 < flags.sum() < len(ds)
+    control = data.build_dataset("pretrain", "train", world, tok, SMALL, seed=0, text_only=True)
+    assert not control.landscape_flags().any()
+    assert data.build_dataset("nlvr2", "dev", world, tok, SMALL, seed=0).landscape_flags() is None
+
+
+def test_image_size_errors_name_the_file(tmp_path):
+    write_jpeg(str(tmp_path / "wide.jpg"), size=(40, 30))
+    assert data.image_size(str(tmp_path / "wide.jpg")) == (40, 30)
+    (tmp_path / "junk.jpg").write_bytes(b"not an image")
+    with pytest.raises(data.DataError, match=r"junk\.jpg"):
+        data.image_size(str(tmp_path / "junk.jpg"))
+    with pytest.raises(data.DataError, match=r"image file not found: .*gone\.jpg"):
+        data.image_size(str(tmp_path / "gone.jpg"))

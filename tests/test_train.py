@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -75,6 +76,44 @@ def test_lr_schedule_warms_up_then_steps_down():
     m = lambda step: train.lr_multiplier(step, 100, cfg)
     assert m(0) == pytest.approx(1 / 3) and m(5) == pytest.approx(2 / 3) and m(10) == 1.0
     assert m(199) == 1.0 and m(200) == pytest.approx(0.1) and m(300) == pytest.approx(0.01)
+
+
+def test_aspect_grouped_sampler_gives_steps_of_one_orientation():
+    """Each step's images are all landscape or all not, except the few mixed steps that pool the remainders; an
+    epoch takes every example at most once and leaves out fewer than a global batch; the examples of a step are
+    the same for 1 process x 16 as for 2 ranks x 4 x 2 micro-steps; and epochs are shuffled differently."""
+    landscape = np.random.default_rng(0).random(203) < 0.4
+    G = 16
+    one = train.AspectGroupedSampler(landscape, G, G, 0, 1, seed=7, epoch=0)
+    steps = np.array(list(one)).reshape(-1, G)  # [steps, G]
+    assert len(steps) == train.AspectGroupedSampler.steps_per_epoch(landscape, G) == len(one) // G == 203 // G
+    mixed = [s for s in steps if landscape[s].any() and not landscape[s].all()]
+    remainders = int(landscape.sum()) % G + int((~landscape).sum()) % G
+    assert len(mixed) == remainders // G <= 1
+    assert len(set(steps.ravel())) == steps.size and 203 - steps.size < G
+    ranks = [list(train.AspectGroupedSampler(landscape, G, 4, r, 2, seed=7, epoch=0)) for r in range(2)]
+    for t, step in enumerate(steps):
+        assert set(ranks[0][8 * t:8 * t + 8]) | set(ranks[1][8 * t:8 * t + 8]) == set(step)
+    other_epoch = list(train.AspectGroupedSampler(landscape, G, G, 0, 1, seed=7, epoch=1))
+    assert other_epoch != steps.ravel().tolist() and sorted(other_epoch) != other_epoch
+    # batch_arithmetic counts the grouped steps: 1 landscape example and 15 others give no step of 16 on their own
+    cfg = train.TrainConfig(global_batch=16, batch_per_gpu=16, epochs=2)
+    assert train.batch_arithmetic(cfg, 16, 1, np.array([True] + [False] * 15)) == (1, 1, 2)
+    assert train.AspectGroupedSampler.steps_per_epoch(np.array([True] * 17 + [False] * 15), 16) == 2
+
+
+def test_grouped_batches_pad_less(world):
+    """On the synthetic world (landscape, square and portrait images), grouped steps are padded to fewer pixels
+    than plainly shuffled ones, and only the rare mixed step reaches a square of the longest side."""
+    cfg = train.TrainConfig(batch_per_gpu=8, global_batch=8, num_workers=0)
+    tok = data.Tokenizer.from_vocab(os.path.join(world, "vocab.txt"), max_len=24)
+    ds = data.build_dataset("pretrain", "train", world, tok, soho.PRESETS["tiny"], seed=0)
+    pixels = {}
+    for grouped in (True, False):
+        loader = train.make_loader(ds, cfg, 0, 0, 0, 1, ds.landscape_flags() if grouped else None)
+        pixels[grouped] = [b["images"].shape[-2] * b["images"].shape[-1] for b in loader]
+    assert np.mean(pixels[True]) < 0.9 * np.mean(pixels[False])
+    assert sum(p == 320 * 320 for p in pixels[True]) <= 1
 
 
 # ---- distributed ---------------------------------------------------------------------------------------------
