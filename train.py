@@ -744,7 +744,7 @@ def resume_config(cfg, args):
     ckpt = load_checkpoint(resume_path)
     if ckpt["task"] != cfg.task:
         raise SystemExit(f"{resume_path} is a {ckpt['task']} checkpoint, not {cfg.task}: pass --out or --fresh")
-    saved = ckpt["train_config"]
+    saved = {"group_by_aspect": False, **ckpt["train_config"]}  # a checkpoint from before grouping: not grouped
     cfg = dataclasses.replace(TrainConfig(**{**saved, "lr_milestones": tuple(saved["lr_milestones"])}),
                               max_steps=cfg.max_steps, log_every=cfg.log_every, save_every=cfg.save_every,
                               num_workers=cfg.num_workers)

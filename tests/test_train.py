@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -156,6 +157,19 @@ def test_resume_is_exact(world, tmp_path):
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert torch.equal(a["model"]["visual_dictionary.embed"], b["model"]["visual_dictionary.embed"])
+
+
+def test_a_checkpoint_from_before_grouping_resumes_ungrouped(world, tmp_path):
+    """A run saved before --group_by_aspect existed shuffled plainly; resuming it must not switch samplers."""
+    run_train(world, tmp_path, "--max_steps=1", "--batch_per_gpu=4", "--global_batch=4", "--vd_size=32")
+    path = tmp_path / "ckpt.pt"
+    ckpt = torch.load(path, weights_only=False)
+    assert ckpt["train_config"]["group_by_aspect"] is True
+    args = types.SimpleNamespace(resume=str(path), fresh=False)
+    assert train.resume_config(train.TrainConfig(out=str(tmp_path)), args)[0].group_by_aspect is True
+    del ckpt["train_config"]["group_by_aspect"]
+    torch.save(ckpt, path)
+    assert train.resume_config(train.TrainConfig(out=str(tmp_path)), args)[0].group_by_aspect is False
 
 
 def test_channels_last_trains_the_same_model(world, tmp_path):
