@@ -92,6 +92,7 @@ folder holds and reads each set's first example (`--full`: opens every image fil
 
 import argparse
 import collections
+import contextlib
 import json
 import logging
 import math
@@ -419,22 +420,29 @@ def _decode_rgb(path):
         return img.convert("RGB") if img.mode != "RGB" else img.copy()
 
 
+@contextlib.contextmanager
+def _reading_image(path):
+    """Around any reading of an image file: a missing file, or whatever PIL raises (OSError, SyntaxError, ValueError,
+    DecompressionBombError, struct.error...), becomes a DataError that names the file."""
+    if not os.path.isfile(path):
+        raise DataError(f"image file not found: {path}")
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}")
+
+
 def load_image(path):
     """Decode an image file to RGB. The format is read from the content, not the extension (some NLVR2 .png files
     are JPEGs). Grayscale, palette, CMYK, LAB and alpha images are converted (transparency is laid on white), 16-bit
     grayscale is scaled to 8 bits, any other mode is refused with a DataError naming the file; EXIF orientation is
     not applied (see above). PIL's warnings (a DecompressionBombWarning for a huge image, corrupt EXIF data...) do
     not say which file they are about: they are re-emitted, same category, with the path in front."""
-    if not os.path.isfile(path):
-        raise DataError(f"image file not found: {path}")
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, _reading_image(path):
         warnings.simplefilter("always")
-        try:
-            img = _decode_rgb(path)
-        except DataError:
-            raise
-        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, struct.error...
-            raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}")
+        img = _decode_rgb(path)
     for w in caught:
         warnings.warn(f"{path}: {w.message}", w.category, stacklevel=2)
     return img
@@ -453,13 +461,8 @@ def image_size(path):
     """(width, height) of an image file, read from its header without decoding the pixels (Pillow reads a few
     kilobytes). A missing or unreadable file is a DataError naming it. EXIF orientation is not applied, as in
     load_image, so the size is the one the model will see (up to resize_image's scaling, which keeps the shape)."""
-    if not os.path.isfile(path):
-        raise DataError(f"image file not found: {path}")
-    try:
-        with Image.open(path) as img:
-            return img.size
-    except Exception as e:  # PIL raises UnidentifiedImageError (an OSError), SyntaxError, ValueError...
-        raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}")
+    with _reading_image(path), Image.open(path) as img:
+        return img.size
 
 
 def image_to_tensor(img):

@@ -735,6 +735,11 @@ def task_loss(task, out, batch, world_size, itm_weight=1.0):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# TrainConfig fields that came after runs were saved, with the value such a run had: resuming it gives the field this
+# value and not today's default, so that the run goes on as it began.
+FIELDS_ADDED_LATER = {"group_by_aspect": False}  # batches were shuffled plainly before AspectGroupedSampler
+
+
 def resume_config(cfg, args):
     """(cfg, checkpoint or None, its path). A run whose --out holds a checkpoint (or given --resume FILE) continues
     with the checkpoint's TrainConfig; only the stopping point, logging and loader workers may change."""
@@ -744,7 +749,7 @@ def resume_config(cfg, args):
     ckpt = load_checkpoint(resume_path)
     if ckpt["task"] != cfg.task:
         raise SystemExit(f"{resume_path} is a {ckpt['task']} checkpoint, not {cfg.task}: pass --out or --fresh")
-    saved = {"group_by_aspect": False, **ckpt["train_config"]}  # a checkpoint from before grouping: not grouped
+    saved = {**FIELDS_ADDED_LATER, **ckpt["train_config"]}
     cfg = dataclasses.replace(TrainConfig(**{**saved, "lr_milestones": tuple(saved["lr_milestones"])}),
                               max_steps=cfg.max_steps, log_every=cfg.log_every, save_every=cfg.save_every,
                               num_workers=cfg.num_workers)
