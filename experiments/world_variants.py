@@ -19,6 +19,9 @@ synthetic.py, into a folder of its own; pre-train on it with --data:
                       tokens on this world are not read in 1,000 steps, nor are pixels in 1,500
     close-ups         three scenes in ten are one shape of radius 80-110 px that fills much of the image (a
                       close-up): its colour and kind are a property of the whole image, as the background is
+    shared-colours    the backgrounds take the shapes' six colours (a red circle on a blue background; a shape is
+                      never the colour of its background): a colour word, learned where it fills the image as a
+                      background, is the same word, and the same pixels, when a shape shows it
 
 --score CKPT splits a pre-trained model's held-out mismatched captions (those of diagnose.py's item 6) by what they
 share with the image's own scene: its background colour, and on the patterned world its pattern; only a model that
@@ -34,6 +37,7 @@ outside this script are the default world's.
 import argparse
 import contextlib
 import os
+import re
 import sys
 import tempfile
 
@@ -48,7 +52,7 @@ from diagnose import mismatches_by  # noqa: E402  (experiments/ is this script's
 
 PATTERNS = ("plain", "striped", "checked")
 MORE_BACKGROUNDS = {"sky": (140, 200, 240), "lime": (175, 225, 110), "maroon": (115, 30, 55), "sand": (215, 195, 145)}
-VARIANTS = ("bigger-shapes", "patterned", "ten-backgrounds", "close-ups", "grid")
+VARIANTS = ("bigger-shapes", "patterned", "ten-backgrounds", "close-ups", "grid", "shared-colours")
 GRID_RADII = {"small": (20, 22), "big": (27, 29)}  # both wholly inside a 64x64 cell, centred in it
 CLOSE_UP_SHARE, CLOSE_UP_RADII = 0.3, (80, 110)
 
@@ -132,6 +136,20 @@ def grid_scene(plain_scene):
     return random_scene
 
 
+def shared_colour_scene(plain_scene):
+    """A random_scene whose background is one of the shapes' colours (synthetic.SYNTH_BACKGROUNDS is set to
+    SYNTH_COLORS by variant()); a shape drawn in the background's colour takes another colour, drawn from the same
+    rng, so that every shape shows."""
+    def random_scene(rng, n_things=None, prefer=()):
+        scene = plain_scene(rng, n_things, prefer)
+        others = [c for c in sorted(synthetic.SYNTH_COLORS) if c != scene.background]
+        things = tuple(t if t.color != scene.background else
+                       t._replace(color=(c := rng.choice(others)), rgb=synthetic._jitter(synthetic.SYNTH_COLORS[c], rng, 14))
+                       for t in scene.things)
+        return scene._replace(things=things)
+    return random_scene
+
+
 @contextlib.contextmanager
 def variant(name):
     """synthetic.py's world changed as `name` says while the block runs; restored afterwards. An empty name leaves
@@ -152,6 +170,9 @@ def variant(name):
             synthetic.random_scene = close_up_scene(saved["random_scene"])
         elif name == "grid":
             synthetic.random_scene = grid_scene(saved["random_scene"])
+        elif name == "shared-colours":
+            synthetic.SYNTH_BACKGROUNDS = dict(synthetic.SYNTH_COLORS)
+            synthetic.random_scene = shared_colour_scene(saved["random_scene"])
         else:
             synthetic.random_scene = patterned_scene(saved["random_scene"])
             synthetic.render_scene = patterned_render(saved["render_scene"])
@@ -209,6 +230,9 @@ def scene_of(text):
     words = set(text.lower().replace(".", " ").split())
     colours = [c for c in {**synthetic.SYNTH_BACKGROUNDS, **MORE_BACKGROUNDS} if c in words]
     patterns = [p for p in PATTERNS if p in words]
+    phrase = re.search(r"(?:on|against) an? (\w+) background", text.lower())
+    if phrase and phrase.group(1) in synthetic.SYNTH_COLORS:  # shared-colours: object colours name it too
+        colours = [phrase.group(1)]
     return colours[0] if len(colours) == 1 else None, patterns[0] if len(patterns) == 1 else None
 
 

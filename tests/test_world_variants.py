@@ -163,3 +163,21 @@ def test_statements_about_the_scene_name_the_variants_backgrounds(name):
     assert named["entailment"] == named["contradiction"] == set(names)
     assert wrong <= set(names) | {n.capitalize() for n in names} | {n + "." for n in names} and len(wrong) > 3
     assert len(names) == (18 if name == "patterned" else 10)
+
+
+def test_shared_colours_paint_backgrounds_in_the_shapes_colours_and_never_a_shape_in_its_own():
+    with world_variants.variant("shared-colours"):
+        scenes = [synthetic.random_scene(random.Random(i)) for i in range(300)]
+        captions = [synthetic.synth_captions(s, random.Random(1), 3) for s in scenes]
+    assert {s.background for s in scenes} == set(synthetic.SYNTH_COLORS)
+    for s, caps in zip(scenes, captions):
+        assert s.things and all(t.color != s.background for t in s.things)
+        for t in s.things:  # jittered about its colour's own RGB, at most 14 a channel
+            assert max(abs(a - b) for a, b in zip(t.rgb, synthetic.SYNTH_COLORS[t.color])) <= 14
+        assert max(abs(a - b) for a, b in zip(s.bg_rgb, synthetic.SYNTH_COLORS[s.background])) <= 8
+        assert all(f"{s.background} background" in c for c in caps)
+        # the background is read from its phrase, though object colours are the same words
+        assert {world_variants.scene_of(c)[0] for c in caps} == {s.background}
+    assert world_variants.scene_of("a red star on a blue background") == ("blue", None)
+    assert world_variants.kind_of_mismatch("a red star on a blue background",
+                                           "a blue circle on a red background") == "other colour"
