@@ -15,6 +15,7 @@ Any field of TrainConfig or SOHOConfig can be overridden as --key=value (type-ch
 import argparse
 import contextlib
 import dataclasses
+import functools
 import inspect
 import json
 import os
@@ -81,6 +82,9 @@ class TrainConfig:
     # rounding, ~8% faster tiny pre-training steps on a 2-core CPU (README, "Two commands"); what PyTorch
     # recommends for convolutions on GPU tensor cores
     num_workers: int = 2
+    worker_nice: int = 10  # data workers run this much nicer (lower CPU priority) than training (Unix; 0: off). On
+    # a CPU with few cores, a worker that takes a core in the middle of a parallel op stalls every thread of it;
+    # niced, workers mostly fill the cores' idle moments (README, "Two commands"). The data are the same
     group_by_aspect: bool = True  # each step's images all landscape or all not (the official code's GroupSampler),
     # so that less of each batch is padding: mixed, a batch pads to the widest and the tallest image (a 600x1000
     # and a 1000x600 give 1000x1000); see AspectGroupedSampler
@@ -545,9 +549,17 @@ def make_loader(dataset, cfg, epoch, skip_examples, rank, world_size, landscape=
     return DataLoader(dataset, batch_size=cfg.batch_per_gpu, sampler=SkipSampler(sampler, skip_examples),
                       num_workers=cfg.num_workers, collate_fn=dataset.collate, drop_last=True,
                       persistent_workers=False, pin_memory=False,
+                      worker_init_fn=functools.partial(nice_worker, cfg.worker_nice),
                       # a generator of its own: building the loader must not draw from the global RNG, or a
                       # resumed run would continue from a different random state than a straight one
                       generator=torch.Generator().manual_seed(cfg.seed + epoch))
+
+
+def nice_worker(nice, worker_id=None):
+    """A DataLoader worker_init_fn: the worker runs `nice` steps nicer than the process that started it (where the
+    OS has niceness; a module-level function with functools.partial, so that spawned workers can pickle it)."""
+    if nice and hasattr(os, "nice"):
+        os.nice(nice)
 
 
 def to_device(batch, device):

@@ -249,3 +249,25 @@ def test_fine_tuning_starts_from_a_pretrained_checkpoint(world, tmp_path):
     # with zero learning rates the shared weights are exactly the pre-trained ones
     key = "transformer.layers.0.query.weight"
     assert torch.equal(pre[key], vqa[key])
+
+
+class _Priorities(torch.utils.data.Dataset):
+    """Each example is the niceness of the process that loads it."""
+    collate = staticmethod(list)
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return os.getpriority(os.PRIO_PROCESS, 0)
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="needs Unix process priorities")
+@pytest.mark.parametrize("nice", [0, 7])
+def test_data_workers_run_nicer_than_training_by_worker_nice(nice):
+    cfg = train.TrainConfig(batch_per_gpu=2, global_batch=2, num_workers=1, worker_nice=nice, group_by_aspect=False)
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    loader = train.make_loader(_Priorities(), cfg, epoch=0, skip_examples=0, rank=0, world_size=1)
+    seen = [p for batch in loader for p in batch]
+    assert seen == [min(19, ours + nice)] * 4
+    assert os.getpriority(os.PRIO_PROCESS, 0) == ours  # training's own priority is untouched
