@@ -19,6 +19,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import compare_speed  # noqa: E402
+import worker_contention  # noqa: E402
 
 import soho  # noqa: E402
 
@@ -137,3 +138,18 @@ def test_trunk_equals_torchvision_resnet_with_the_same_weights(tmp_path):
     checks = compare_speed.check_trunk(trunk, torch.nn.Sequential(*list(tv.children())[:-2]),
                                        torch.randn(1, 3, 64, 96))
     assert checks["output_max_abs_diff"] <= 1e-4 * max(checks["output_scale"], 1.0)
+
+
+def test_worker_contention_times_each_setting_twice(capsys):
+    times = worker_contention.main(["--steps", "1", "--batch", "2", "--threads", "1", "--duty", "0.5"])
+    assert list(times) == ["alone", "beside a neighbour", "beside a neighbour at nice 19"]
+    assert all(len(t) == 2 and all(0 < s < 60 for s in t) for t in times.values())
+    assert "ms/step" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        worker_contention.main(["--duty", "0"])
+
+
+def test_a_neighbour_stops_when_told():
+    calls = []
+    assert worker_contention.time_steps(lambda: calls.append(1), 3, duty=0.2, nice=5) > 0
+    assert len(calls) == 3 and not [p for p in __import__("multiprocessing").active_children()]
