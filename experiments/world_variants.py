@@ -140,11 +140,13 @@ def shared_colour_scene(plain_scene):
     """A random_scene whose background is one of the shapes' colours (synthetic.SYNTH_BACKGROUNDS is set to
     SYNTH_COLORS by variant()); a shape drawn in the background's colour takes another colour, drawn from the same
     rng, so that every shape shows."""
+    def recoloured(thing, colour, rng):
+        return thing._replace(color=colour, rgb=synthetic._jitter(synthetic.SYNTH_COLORS[colour], rng, 14))
+
     def random_scene(rng, n_things=None, prefer=()):
         scene = plain_scene(rng, n_things, prefer)
         others = [c for c in sorted(synthetic.SYNTH_COLORS) if c != scene.background]
-        things = tuple(t if t.color != scene.background else
-                       t._replace(color=(c := rng.choice(others)), rgb=synthetic._jitter(synthetic.SYNTH_COLORS[c], rng, 14))
+        things = tuple(recoloured(t, rng.choice(others), rng) if t.color == scene.background else t
                        for t in scene.things)
         return scene._replace(things=things)
     return random_scene

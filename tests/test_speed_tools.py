@@ -8,6 +8,7 @@ where they are missing (this project's CI installs neither)."""
 import importlib.util
 import json
 import math
+import multiprocessing
 import os
 import re
 import subprocess
@@ -152,4 +153,4 @@ def test_worker_contention_times_each_setting_twice(capsys):
 def test_a_neighbour_stops_when_told():
     calls = []
     assert worker_contention.time_steps(lambda: calls.append(1), 3, duty=0.2, nice=5) > 0
-    assert len(calls) == 3 and not [p for p in __import__("multiprocessing").active_children()]
+    assert len(calls) == 3 and not multiprocessing.active_children()
