@@ -750,6 +750,7 @@ def task_loss(task, out, batch, world_size, itm_weight=1.0):
 # TrainConfig fields that came after runs were saved, with the value such a run had: resuming it gives the field this
 # value and not today's default, so that the run goes on as it began.
 FIELDS_ADDED_LATER = {"group_by_aspect": False}  # batches were shuffled plainly before AspectGroupedSampler
+# (worker_nice is not here: it changes no result, so an old run resumes with today's default)
 
 
 def resume_config(cfg, args):

@@ -8,7 +8,7 @@ commands"). A DataLoader worker is such a neighbour: it decodes and pads the nex
 The model is the tiny preset, training on one random pre-training batch of 256x320 images (Eq. 9, ITM weighted
 as the tiny recipe), with `--threads` intra-op threads. The neighbour is one single-threaded process that computes
 for `duty` of every 50 ms and sleeps the rest, at normal priority, at nice 19, or not there at all; each setting
-is timed twice, interleaved, because this kind of machine's speed drifts from minute to minute. Prints
+is timed twice, in alternating order, because this kind of machine's speed drifts from minute to minute. Prints
 milliseconds per step. Only ratios measured in one run mean anything.
 """
 
@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import evaluate  # noqa: E402
 import soho  # noqa: E402
 import train  # noqa: E402
 
@@ -46,10 +47,7 @@ def time_steps(step, steps, duty=0.0, nice=0):
         other.start()
         time.sleep(0.3)  # let it start
     try:
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        return (time.perf_counter() - start) / steps
+        return evaluate.timed(step, torch.device("cpu"), inner=steps)
     finally:
         if other is not None:
             stop.set()
@@ -70,10 +68,11 @@ def main(argv=None):
     cfg = soho.PRESETS["tiny"]
     model = soho.SOHO(cfg).train().to(memory_format=torch.channels_last)
     batch = data.random_batch("pretrain", cfg, args.batch, image_size=(256, 320), text_len=14)
+    itm_weight = train.recipe("pretrain", "tiny")["itm_weight"]
 
     def step():
         out = model("pretrain", batch)
-        loss, _ = train.pretraining_loss(out, 1, batch["itm_label"], itm_weight=5.0)
+        loss, _ = train.pretraining_loss(out, 1, batch["itm_label"], itm_weight)
         model.zero_grad(set_to_none=True)
         loss.backward()
 
@@ -81,8 +80,8 @@ def main(argv=None):
         step()  # warm-up: allocator, oneDNN kernels
     settings = [("alone", 0), ("beside a neighbour", 0), ("beside a neighbour at nice 19", 19)]
     times = {name: [] for name, _ in settings}
-    for _ in range(2):
-        for name, nice in settings:
+    for r in range(2):  # A B C, then C B A: a drifting machine affects every setting alike (evaluate.median_times)
+        for name, nice in (settings if r % 2 == 0 else settings[::-1]):
             duty = 0.0 if name == "alone" else args.duty
             times[name].append(time_steps(step, args.steps, duty, nice))
     print(f"tiny pre-training step, batch {args.batch} of 256x320, {args.threads} thread(s); the neighbour computes "

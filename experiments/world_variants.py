@@ -226,15 +226,17 @@ def is_close_up(scene):
     return len(scene.things) == 1 and scene.things[0].r >= CLOSE_UP_RADII[0]
 
 
+BACKGROUND_PHRASE = re.compile(r"(?:on|against) an? ([a-z ]+?) background")  # synth_captions' three wordings
+
+
 def scene_of(text):
-    """(background colour, pattern) that a caption names, in any variant's world; None for what it names not
-    exactly once."""
-    words = set(text.lower().replace(".", " ").split())
-    colours = [c for c in {**synthetic.SYNTH_BACKGROUNDS, **MORE_BACKGROUNDS} if c in words]
+    """(background colour, pattern) that a caption's background phrase ("on a teal striped background") names, in
+    any variant's world; None for what it names not exactly once. Only the phrase is read: on the shared-colours
+    world the shapes' colours are background colours too."""
+    phrase = BACKGROUND_PHRASE.search(text.lower())
+    words = set(phrase.group(1).split()) if phrase else set()
+    colours = [c for c in {**synthetic.SYNTH_BACKGROUNDS, **MORE_BACKGROUNDS, **synthetic.SYNTH_COLORS} if c in words]
     patterns = [p for p in PATTERNS if p in words]
-    phrase = re.search(r"(?:on|against) an? (\w+) background", text.lower())
-    if phrase and phrase.group(1) in synthetic.SYNTH_COLORS:  # shared-colours: object colours name it too
-        colours = [phrase.group(1)]
     return colours[0] if len(colours) == 1 else None, patterns[0] if len(patterns) == 1 else None
 
 
