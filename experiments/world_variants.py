@@ -19,6 +19,9 @@ synthetic.py, into a folder of its own; pre-train on it with --data:
                       tokens on this world are not read in 1,000 steps, nor are pixels in 1,500
     close-ups         three scenes in ten are one shape of radius 80-110 px that fills much of the image (a
                       close-up): its colour and kind are a property of the whole image, as the background is
+    two-tone          the background's top half is one of the six background colours and its bottom half another
+                      ("on a pink and teal background": top, then bottom): two properties of the whole scene, each
+                      as loud as today's one, so a random caption names the image's own pair one time in 30
     shared-colours    the backgrounds take the shapes' six colours (a red circle on a blue background; a shape is
                       never the colour of its background): a colour word, learned where it fills the image as a
                       background, is the same word, and the same pixels, when a shape shows it
@@ -52,7 +55,7 @@ from diagnose import mismatches_by  # noqa: E402  (experiments/ is this script's
 
 PATTERNS = ("plain", "striped", "checked")
 MORE_BACKGROUNDS = {"sky": (140, 200, 240), "lime": (175, 225, 110), "maroon": (115, 30, 55), "sand": (215, 195, 145)}
-VARIANTS = ("bigger-shapes", "patterned", "ten-backgrounds", "close-ups", "grid", "shared-colours")
+VARIANTS = ("bigger-shapes", "patterned", "ten-backgrounds", "close-ups", "grid", "shared-colours", "two-tone")
 GRID_RADII = {"small": (20, 22), "big": (27, 29)}  # both wholly inside a 64x64 cell, centred in it
 CLOSE_UP_SHARE, CLOSE_UP_RADII = 0.3, (80, 110)
 
@@ -106,6 +109,40 @@ def patterned_render(plain_render):
         on_background = (pixels == np.array(scene.bg_rgb, np.uint8)).all(-1)
         paint = on_background & pattern_mask(*pixels.shape[:2], pattern_of(scene.background))
         pixels[paint] = pattern_shade(scene.bg_rgb)
+        return Image.fromarray(pixels)
+    return render_scene
+
+
+def two_tone_name(top, bottom):
+    """What captions call a background whose top half is `top` and bottom half `bottom`: "pink and teal"."""
+    return f"{top} and {bottom}"
+
+
+def two_tone_scene(plain_scene):
+    """A random_scene whose background is two different background colours, top half and bottom half; the bottom's
+    colour is drawn after the rest of the scene, from the same rng."""
+    def random_scene(rng, n_things=None, prefer=()):
+        scene = plain_scene(rng, n_things, prefer)
+        bottom = rng.choice([b for b in sorted(synthetic.SYNTH_BACKGROUNDS) if b != scene.background])
+        return scene._replace(background=two_tone_name(scene.background, bottom))
+    return random_scene
+
+
+def two_tone_names(plain_names):
+    """A background_names that gives every ordered pair of different colours, as two_tone_scene names them."""
+    return lambda: sorted(two_tone_name(a, b) for a in plain_names() for b in plain_names() if a != b)
+
+
+def two_tone_render(plain_render):
+    """A render_scene that paints the bottom half's background pixels (those left in the top's colour after the
+    shapes are drawn) in the bottom's colour, with the top's jitter, so that drawing stays free of randomness."""
+    def render_scene(scene):
+        pixels = np.array(plain_render(scene))  # [H, W, 3] uint8
+        top, bottom = scene.background.split(" and ")
+        jitter = np.array(scene.bg_rgb) - np.array(synthetic.SYNTH_BACKGROUNDS[top])
+        on_background = (pixels == np.array(scene.bg_rgb, np.uint8)).all(-1)
+        on_background[: scene.height // 2] = False
+        pixels[on_background] = np.clip(np.array(synthetic.SYNTH_BACKGROUNDS[bottom]) + jitter, 0, 255)
         return Image.fromarray(pixels)
     return render_scene
 
@@ -172,6 +209,10 @@ def variant(name):
             synthetic.random_scene = close_up_scene(saved["random_scene"])
         elif name == "grid":
             synthetic.random_scene = grid_scene(saved["random_scene"])
+        elif name == "two-tone":
+            synthetic.random_scene = two_tone_scene(saved["random_scene"])
+            synthetic.render_scene = two_tone_render(saved["render_scene"])
+            synthetic.background_names = two_tone_names(saved["background_names"])
         elif name == "shared-colours":
             synthetic.SYNTH_BACKGROUNDS = dict(synthetic.SYNTH_COLORS)
             synthetic.random_scene = shared_colour_scene(saved["random_scene"])
@@ -234,6 +275,8 @@ def scene_of(text):
     any variant's world; None for what it names not exactly once. Only the phrase is read: on the shared-colours
     world the shapes' colours are background colours too."""
     phrase = BACKGROUND_PHRASE.search(text.lower())
+    if phrase and " and " in phrase.group(1):  # two-tone: "pink and teal", top then bottom
+        return phrase.group(1), None
     words = set(phrase.group(1).split()) if phrase else set()
     colours = [c for c in {**synthetic.SYNTH_BACKGROUNDS, **MORE_BACKGROUNDS, **synthetic.SYNTH_COLORS} if c in words]
     patterns = [p for p in PATTERNS if p in words]
@@ -242,11 +285,18 @@ def scene_of(text):
 
 def kind_of_mismatch(own_text, text):
     """How a mismatched caption's scene compares with the image's own caption's: "other colour", "same colour,
-    other pattern", "same colour, same pattern", or "same colour" on a world without patterns; None if either
-    names no background colour (diagnose.mismatches_by's kind_of)."""
+    other pattern", "same colour, same pattern", or "same colour" on a world without patterns; on the two-tone
+    world "other colours", "one colour shared", "same colours, swapped" or "same colours"; None if either names no
+    background colour (diagnose.mismatches_by's kind_of)."""
     own, other = scene_of(own_text), scene_of(text)
     if own[0] is None or other[0] is None:
         return None
+    if " and " in own[0] and " and " in other[0]:  # two-tone: how many of the two colours the texts share
+        own_pair, other_pair = own[0].split(" and "), other[0].split(" and ")
+        shared = len(set(own_pair) & set(other_pair))
+        if shared == 2:
+            return "same colours" if own_pair == other_pair else "same colours, swapped"
+        return "one colour shared" if shared else "other colours"
     if own[0] != other[0]:
         return "other colour"
     if own[1] is None or other[1] is None:

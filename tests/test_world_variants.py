@@ -181,3 +181,33 @@ def test_shared_colours_paint_backgrounds_in_the_shapes_colours_and_never_a_shap
     assert world_variants.scene_of("a red star on a blue background") == ("blue", None)
     assert world_variants.kind_of_mismatch("a red star on a blue background",
                                            "a blue circle on a red background") == "other colour"
+
+
+def test_two_tone_paints_the_bottom_half_of_the_background_only_and_captions_name_both_colours():
+    with world_variants.variant("two-tone"):
+        rng = random.Random(5)
+        scenes = [synthetic.random_scene(rng) for _ in range(40)]
+        captions = [synthetic.synth_captions(s, random.Random(1), 3) for s in scenes]
+        images = [np.array(synthetic.render_scene(s)) for s in scenes]
+        names = synthetic.background_names()
+    assert len(names) == 30 and {s.background for s in scenes} <= set(names)
+    for scene, caps, img in zip(scenes, captions, images):
+        top, bottom = scene.background.split(" and ")
+        assert top != bottom
+        assert all(f"{top} and {bottom} background" in c for c in caps)
+        assert {world_variants.scene_of(c)[0] for c in caps} == {scene.background}
+        plain = np.array(synthetic.render_scene(scene))  # outside the variant: one colour, the top's
+        on_background = (plain == np.array(scene.bg_rgb, np.uint8)).all(-1)
+        changed = (img != plain).any(-1)
+        half = scene.height // 2
+        assert not changed[:half].any() and not (changed & ~on_background).any()
+        assert (changed[half:] == on_background[half:]).all()
+        bottom_rgb = [min(255, max(0, b + j - t)) for b, j, t in
+                      zip(synthetic.SYNTH_BACKGROUNDS[bottom], scene.bg_rgb, synthetic.SYNTH_BACKGROUNDS[top])]
+        assert (img[changed] == bottom_rgb).all()
+    kind = world_variants.kind_of_mismatch
+    own = "a red star on a pink and teal background"
+    assert kind(own, "two shapes against a white and black background") == "other colours"
+    assert kind(own, "a circle on a teal and white background") == "one colour shared"
+    assert kind(own, "on a teal and pink background a circle") == "same colours, swapped"
+    assert kind(own, "a circle on a pink and teal background") == "same colours"
