@@ -1,7 +1,7 @@
 """
 The paper's claims in miniature, on the synthetic world, on a CPU (README, "Results in miniature").
 
-    python experiments/miniature.py [--seeds 0,1,2] [--steps 150] [--out runs/miniature]
+    python experiments/miniature.py [--seeds 0,1,2] [--steps 150] [--out runs/miniature] [--no-scratch]
 
 1. Pre-training helps (Tables 2-6 against models without it): each downstream task fine-tuned from the tiny
    pre-trained checkpoint, against the same fine-tuning from no pre-training, same steps and seed.
@@ -168,7 +168,7 @@ def pretrained_checkpoints(spec):
     return given
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/miniature")
     p.add_argument("--steps", type=int, default=150, help="fine-tuning steps per task")
@@ -179,15 +179,17 @@ def main():
     p.add_argument("--pretrained", default="", help="use this checkpoint of the default pre-training (e.g. "
                    "runs/pretrain/ckpt.pt from `python train.py`) as vd128 instead of pre-training again; or "
                    "comma-separated NAME=CHECKPOINT pairs for any of the pre-trainings (e.g. no-vd=runs/novd/ckpt.pt)")
+    p.add_argument("--no-scratch", action="store_true", help="fine-tune only from the pre-trainings (to split one "
+                   "measurement between processes: one of them runs scratch)")
     p.add_argument("--report", action="store_true", help="print the tables of what <out>/results.jsonl holds")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.report:
         return report(os.path.join(args.out, "results.jsonl"))
     os.makedirs(args.out, exist_ok=True)
     results = os.path.join(args.out, "results.jsonl")
     done = done_keys(results)
     seeds = [int(s) for s in args.seeds.split(",")]
-    inits = ["scratch"] + [i for i in args.pretrainings.split(",") if i]
+    inits = ([] if args.no_scratch else ["scratch"]) + [i for i in args.pretrainings.split(",") if i]
     given = pretrained_checkpoints(args.pretrained)
     for init in inits:
         ckpt = None

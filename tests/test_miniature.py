@@ -98,3 +98,27 @@ def test_scene_and_objects_scores_each_kind_apart(bigger_world):
     data.write_json(os.path.join(root, "answers.json"), answers)  # as evaluate.main returns it: a path
     assert miniature.scene_and_objects("vqa", {"answers_path": os.path.join(root, "answers.json")}, root) == split
     assert miniature.scene_and_objects("retrieval", {}, root) is None
+
+
+@pytest.mark.parametrize("no_scratch", [False, True])
+def test_no_scratch_fine_tunes_only_from_the_pretrainings(tmp_path, monkeypatch, no_scratch):
+    """--no-scratch leaves out every fine-tuning without --init, and only those; results name each run once."""
+    ckpt = tmp_path / "given.pt"
+    ckpt.write_bytes(b"")
+    fine_tunings = []
+
+    def fake_train(flags):
+        fine_tunings.append(flags)
+        return {"loss": 1.0}
+
+    monkeypatch.setattr(miniature.train, "main", fake_train)
+    monkeypatch.setattr(miniature.train, "load_checkpoint", lambda path: {"metrics": {"heldout_itm_acc": 0.9}})
+    monkeypatch.setattr(miniature.evaluate, "main", lambda flags: {"metrics": {"tr_r1": 10.0, "ir_r1": 20.0}})
+    out = tmp_path / "out"
+    miniature.main(["--out", str(out), "--tasks", "retrieval", "--seeds", "0,1", "--pretrainings", "vd128",
+                    "--pretrained", str(ckpt), *(["--no-scratch"] if no_scratch else [])])
+    inits = [f[f.index("--init") + 1] if "--init" in f else "scratch" for f in fine_tunings]
+    assert inits == ([] if no_scratch else ["scratch", "scratch"]) + [str(ckpt), str(ckpt)]
+    keys = [json.loads(line)["key"] for line in open(out / "results.jsonl")]
+    scratch = [] if no_scratch else ["retrieval/scratch/seed0", "retrieval/scratch/seed1"]
+    assert keys == [*scratch, "pretrain/vd128", "retrieval/vd128/seed0", "retrieval/vd128/seed1"]
