@@ -29,12 +29,19 @@ def test_pattern_mask_and_shade_in_a_loop():
     assert world_variants.pattern_shade((250, 200, 40)) == (190, 140, 0)  # mean 163: darker, clipped at 0
 
 
-def test_a_patterned_scene_paints_only_its_background_and_captions_name_the_pattern():
-    with world_variants.variant("patterned"):
-        rng = random.Random(3)
-        scenes = [synthetic.random_scene(rng) for _ in range(30)]
+def drawn_in(name, seed, n):
+    """n scenes of variant `name` drawn from random.Random(seed), 3 captions each and their pixels, and the
+    variant's background names: (scenes, captions, images [H, W, 3] uint8, names)."""
+    with world_variants.variant(name):
+        rng = random.Random(seed)
+        scenes = [synthetic.random_scene(rng) for _ in range(n)]
         captions = [synthetic.synth_captions(s, random.Random(1), 3) for s in scenes]
         images = [np.array(synthetic.render_scene(s)) for s in scenes]
+        return scenes, captions, images, synthetic.background_names()
+
+
+def test_a_patterned_scene_paints_only_its_background_and_captions_name_the_pattern():
+    scenes, captions, images, _ = drawn_in("patterned", 3, 30)
     patterns = [world_variants.pattern_of(s.background) for s in scenes]
     assert set(patterns) == set(world_variants.PATTERNS)
     for scene, caps, img, pattern in zip(scenes, captions, images, patterns):
@@ -184,12 +191,7 @@ def test_shared_colours_paint_backgrounds_in_the_shapes_colours_and_never_a_shap
 
 
 def test_two_tone_paints_the_bottom_half_of_the_background_only_and_captions_name_both_colours():
-    with world_variants.variant("two-tone"):
-        rng = random.Random(5)
-        scenes = [synthetic.random_scene(rng) for _ in range(40)]
-        captions = [synthetic.synth_captions(s, random.Random(1), 3) for s in scenes]
-        images = [np.array(synthetic.render_scene(s)) for s in scenes]
-        names = synthetic.background_names()
+    scenes, captions, images, names = drawn_in("two-tone", 5, 40)
     assert len(names) == 30 and {s.background for s in scenes} <= set(names)
     for scene, caps, img in zip(scenes, captions, images):
         top, bottom = scene.background.split(" and ")
