@@ -124,7 +124,7 @@ PAPER_RECIPES = {
 #   ~250-950 steps and only then learns to compare text with image; the rate drops x0.1 for the last 2 epochs.
 #   ITM weighs 5 in Eq. 9 (itm_weight, beyond the paper): at initialisation its gradient at the shared
 #   transformer is ~1/35 of MLM's, and AdamW scales a shared weight's step by all of them together; with the
-#   pooler's text mean (soho.py's tiny preset) this made the wait end by step ~940 in 11 of 12 runs (7 seeds,
+#   pooler's text mean (soho.py's tiny preset) this made the wait end by step ~940 in 14 of 15 runs (10 seeds,
 #   batches grouped and not); one waited until ~1,360 (README, "Does the model look at the image?");
 # - fine-tuning keeps the paper's shape (few epochs, rate dropped late) with smaller batches.
 TINY_BACKBONE = dict(backbone_optimizer="adamw", weight_decay_backbone=1e-2, freeze_backbone_epochs=0)
