@@ -29,8 +29,7 @@ import train  # noqa: E402
 
 def neighbour(duty, nice, stop):
     """Compute (pure Python, one thread) for duty x 50 ms, sleep for the rest, until stop is set."""
-    if nice:
-        os.nice(nice)
+    train.nice_worker(nice)  # as train.py's data workers are niced
     x = 0
     while not stop.is_set():
         start = time.perf_counter()

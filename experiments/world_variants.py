@@ -101,16 +101,20 @@ def patterned_names(plain_names):
     return lambda: sorted(patterned_name(b, p) for b in plain_names() for p in PATTERNS)
 
 
-def patterned_render(plain_render):
-    """A render_scene that paints the pattern on the background's pixels (those left in the background colour
-    after the shapes are drawn; the shapes are drawn in other colours, without anti-aliasing)."""
+def repainting_background(plain_render, repaint):
+    """A render_scene that draws the scene as plain_render does, then lets repaint(pixels [H, W, 3] uint8, scene,
+    on_background [H, W] bool) change the background's pixels in place: those left in the background colour after
+    the shapes are drawn (the shapes are drawn in other colours, without anti-aliasing)."""
     def render_scene(scene):
-        pixels = np.array(plain_render(scene))  # [H, W, 3] uint8
-        on_background = (pixels == np.array(scene.bg_rgb, np.uint8)).all(-1)
-        paint = on_background & pattern_mask(*pixels.shape[:2], pattern_of(scene.background))
-        pixels[paint] = pattern_shade(scene.bg_rgb)
+        pixels = np.array(plain_render(scene))
+        repaint(pixels, scene, (pixels == np.array(scene.bg_rgb, np.uint8)).all(-1))
         return Image.fromarray(pixels)
     return render_scene
+
+
+def paint_pattern(pixels, scene, on_background):
+    """The patterned variant's repaint: the pattern's second shade on the background's pixels that it covers."""
+    pixels[on_background & pattern_mask(*pixels.shape[:2], pattern_of(scene.background))] = pattern_shade(scene.bg_rgb)
 
 
 def two_tone_name(top, bottom):
@@ -133,18 +137,13 @@ def two_tone_names(plain_names):
     return lambda: sorted(two_tone_name(a, b) for a in plain_names() for b in plain_names() if a != b)
 
 
-def two_tone_render(plain_render):
-    """A render_scene that paints the bottom half's background pixels (those left in the top's colour after the
-    shapes are drawn) in the bottom's colour, with the top's jitter, so that drawing stays free of randomness."""
-    def render_scene(scene):
-        pixels = np.array(plain_render(scene))  # [H, W, 3] uint8
-        top, bottom = scene.background.split(" and ")
-        jitter = np.array(scene.bg_rgb) - np.array(synthetic.SYNTH_BACKGROUNDS[top])
-        on_background = (pixels == np.array(scene.bg_rgb, np.uint8)).all(-1)
-        on_background[: scene.height // 2] = False
-        pixels[on_background] = np.clip(np.array(synthetic.SYNTH_BACKGROUNDS[bottom]) + jitter, 0, 255)
-        return Image.fromarray(pixels)
-    return render_scene
+def paint_bottom_half(pixels, scene, on_background):
+    """The two-tone variant's repaint: the bottom half's background pixels in the bottom's colour, with the top's
+    jitter, so that drawing stays free of randomness."""
+    top, bottom = scene.background.split(" and ")
+    jitter = np.array(scene.bg_rgb) - np.array(synthetic.SYNTH_BACKGROUNDS[top])
+    bottom_half = np.arange(scene.height)[:, None] >= scene.height // 2  # [H, 1]
+    pixels[on_background & bottom_half] = np.clip(np.array(synthetic.SYNTH_BACKGROUNDS[bottom]) + jitter, 0, 255)
 
 
 def close_up_scene(plain_scene):
@@ -211,14 +210,14 @@ def variant(name):
             synthetic.random_scene = grid_scene(saved["random_scene"])
         elif name == "two-tone":
             synthetic.random_scene = two_tone_scene(saved["random_scene"])
-            synthetic.render_scene = two_tone_render(saved["render_scene"])
+            synthetic.render_scene = repainting_background(saved["render_scene"], paint_bottom_half)
             synthetic.background_names = two_tone_names(saved["background_names"])
         elif name == "shared-colours":
             synthetic.SYNTH_BACKGROUNDS = dict(synthetic.SYNTH_COLORS)
             synthetic.random_scene = shared_colour_scene(saved["random_scene"])
         else:
             synthetic.random_scene = patterned_scene(saved["random_scene"])
-            synthetic.render_scene = patterned_render(saved["render_scene"])
+            synthetic.render_scene = repainting_background(saved["render_scene"], paint_pattern)
             synthetic.background_names = patterned_names(saved["background_names"])
         yield
     finally:
