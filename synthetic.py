@@ -43,12 +43,19 @@ SYNTH_COLORS = {"red": (215, 45, 45), "green": (45, 165, 70), "blue": (45, 85, 2
                 "purple": (140, 65, 175), "orange": (240, 135, 35)}
 SYNTH_SHAPES = ("circle", "square", "triangle", "diamond", "star")
 SYNTH_SIZES = {"small": (18, 26), "big": (38, 52)}  # radius in pixels
-SYNTH_BACKGROUNDS = {"white": (236, 236, 230), "gray": (150, 150, 150), "black": (32, 32, 38), "brown": (120, 85, 55),
-                     "pink": (240, 170, 200), "teal": (40, 130, 130)}
+# Eight backgrounds, each at least 100 (RGB distance) from every other and 75 from every shape colour. Every caption
+# names its background, and a random caption of another image names the same one 1 time in 8: a model that compares
+# only the scene catches 7 in 8 random mismatches (with v3's six, 5 in 6, under the 0.85 that issue 10 asks). Ten
+# did not fit the budget: pairs of backgrounds that share visual-dictionary entries stay confused for longer
+# (README, "Does the model look at the image?").
+SYNTH_BACKGROUNDS = {"white": (236, 236, 230), "gray": (128, 128, 128), "black": (32, 32, 38), "olive": (110, 110, 20),
+                     "lime": (160, 240, 60), "sky": (140, 200, 240), "violet": (200, 120, 230),
+                     "salmon": (250, 130, 110)}
 SYNTH_IMAGE_SIZES = ((256, 256), (288, 256), (320, 256), (256, 288), (256, 320))  # (width, height)
 SYNTH_MANIFEST = "SYNTHETIC_WORLD.json"
-SYNTH_VERSION = 3  # 2: six backgrounds, and every caption names its background; 3: VQA, SNLI-VE and NLVR2 ask
-#                   about the background too
+SYNTH_VERSION = 4  # 2: six backgrounds, and every caption names its background; 3: VQA, SNLI-VE and NLVR2 ask
+#                   about the background too; 4: eight backgrounds (v3's six were white, gray, black, brown, pink,
+#                   teal: experiments/world_variants.py --variant v3 writes that world)
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
@@ -239,8 +246,8 @@ def synth_captions(scene, rng, n):
     def in_scene(text):
         # Every caption names the scene, as most COCO captions do ("... in a kitchen"); here the scene is the
         # background. Put first or last, so that the 24-token cut of a long caption keeps it more often than not.
-        return text and rng.choice((f"{text} on a {bg} background", f"{text} against a {bg} background",
-                                    f"on a {bg} background {text}"))
+        return text and rng.choice((f"{text} on {_a(bg)} background", f"{text} against {_a(bg)} background",
+                                    f"on {_a(bg)} background {text}"))
 
     makers = (relation, relation, listing, counting, position, colours, relation_and_place)
     captions = []
@@ -436,8 +443,8 @@ def _say(fact, rng):
         return f"All the shapes are {fact[1]}."
     if kind == "background":
         bg = fact[1]
-        return rng.choice((f"The shapes are on a {bg} background.", f"The background is {bg}.",
-                           f"The picture has a {bg} background."))
+        return rng.choice((f"The shapes are on {_a(bg)} background.", f"The background is {bg}.",
+                           f"The picture has {_a(bg)} background."))
     _, c1, s1, rel, c2, s2 = fact
     return f"{_a(c1 + ' ' + s1).capitalize()} is {rel} {_a(c2 + ' ' + s2)}."
 
@@ -484,12 +491,12 @@ def synth_nlvr2_statement(rng):
     # Kinds 8-10 are about the scene. Their pairs are drawn until the truth is the one wanted, as for the others
     # (_nlvr2_example); the (colour, shape) they favour only names the record's "query".
     if kind == 8:
-        return (f"Both images have a {bg} background.",
+        return (f"Both images have {_a(bg)} background.",
                 lambda L, R: L.background == bg and R.background == bg, [(c, s)])
     if kind == 9:
-        return f"The left image has a {bg} background.", lambda L, R: L.background == bg, [(c, s)]
+        return f"The left image has {_a(bg)} background.", lambda L, R: L.background == bg, [(c, s)]
     if kind == 10:
-        return (f"Exactly one image has a {bg} background.",
+        return (f"Exactly one image has {_a(bg)} background.",
                 lambda L, R: (L.background == bg) != (R.background == bg), [(c, s)])
     if kind == 0:
         return (f"The left image contains exactly {NUMBER_WORDS[n]} {c} {_plural('shape', n)}.",

@@ -37,6 +37,7 @@ With --init the same model is measured at its initialisation (same seed and conf
 import argparse
 import os
 import random
+import re
 import sys
 
 import torch
@@ -281,10 +282,14 @@ def term_gradients(model, batch):
     return result
 
 
+BACKGROUND_PHRASE = re.compile(r"(?:on|against) an? ([a-z]+) background")  # synth_captions' wordings
+
+
 def background_of(text):
-    words = set(text.lower().replace(".", " ").split())
-    named = [bg for bg in synthetic.SYNTH_BACKGROUNDS if bg in words]
-    return named[0] if len(named) == 1 else None
+    """The background colour a synthetic caption names ("... on a teal background"), in any world version; None
+    if it names none."""
+    phrase = BACKGROUND_PHRASE.search(text.lower())
+    return phrase.group(1) if phrase else None
 
 
 def heldout_pretrain_batches(ckpt, cfg, n_images=250, batch_size=16):

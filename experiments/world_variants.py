@@ -1,18 +1,24 @@
 """
 Variants of the synthetic world that we measured as fixes for the random-mismatch bar and did not keep (README,
-"Where the objects are lost, measured on the current default"). Each writes a whole world, in the same formats as
-synthetic.py, into a folder of its own; pre-train on it with --data:
+"Where the objects are lost, measured on the current default"), and the world of the measurements made before
+world v4. Each writes a whole world, in the same formats as synthetic.py, into a folder of its own; pre-train on it
+with --data:
 
     python experiments/world_variants.py --variant patterned --out data/variant-patterned
     python train.py --data data/variant-patterned --out runs/variant-patterned
     python experiments/world_variants.py --score runs/variant-patterned/ckpt.pt
 
+    v3                world v3, synthetic.py's before world v4: six backgrounds (white, gray, black, brown,
+                      pink, teal) instead of v4's eight, the same bytes. Every variant below but ten-far was
+                      measured on v3 and is built on it
     bigger-shapes     radii 28-36 px (small) and 46-58 px (big) instead of 18-26 and 38-52: a shape fills more of
                       its 64x64 cells, so more of the image shows the objects
     patterned         every background is also plain, striped or checked, and the caption says which ("on a plain
                       teal background", "on a teal striped background"): a second property of the whole scene, so
                       a random caption names the image's own scene one time in 18 instead of one in 6
     ten-backgrounds   four more background colours (sky, lime, maroon, sand): one time in 10
+    ten-far           world v4's eight backgrounds and two more, indigo and turquoise, as far apart as the eight
+                      (at least 97 in RGB): one time in 10
     grid              every shape centred in a 64x64 cell of the token grid, one shape per cell, radius 20-22 px
                       (small) or 27-29 (big): each shape shows wholly in exactly one token, as near as pixels come
                       to perfect tokens' one vector per colour at full size. Measured (README): perfect
@@ -54,8 +60,12 @@ import train  # noqa: E402
 from diagnose import mismatches_by  # noqa: E402  (experiments/ is this script's own folder)
 
 PATTERNS = ("plain", "striped", "checked")
+V3_BACKGROUNDS = {"white": (236, 236, 230), "gray": (150, 150, 150), "black": (32, 32, 38), "brown": (120, 85, 55),
+                  "pink": (240, 170, 200), "teal": (40, 130, 130)}
 MORE_BACKGROUNDS = {"sky": (140, 200, 240), "lime": (175, 225, 110), "maroon": (115, 30, 55), "sand": (215, 195, 145)}
-VARIANTS = ("bigger-shapes", "patterned", "ten-backgrounds", "close-ups", "grid", "shared-colours", "two-tone")
+FAR_BACKGROUNDS = {"indigo": (60, 20, 130), "turquoise": (60, 200, 170)}
+VARIANTS = ("v3", "bigger-shapes", "patterned", "ten-backgrounds", "ten-far", "close-ups", "grid", "shared-colours",
+            "two-tone")
 GRID_RADII = {"small": (20, 22), "big": (27, 29)}  # both wholly inside a 64x64 cell, centred in it
 CLOSE_UP_SHARE, CLOSE_UP_RADII = 0.3, (80, 110)
 
@@ -200,10 +210,13 @@ def variant(name):
     patched = ("SYNTH_SIZES", "SYNTH_BACKGROUNDS", "random_scene", "render_scene", "background_names")
     saved = {k: getattr(synthetic, k) for k in patched}
     try:
+        # every variant but ten-far was measured on world v3 and is built on its six backgrounds
+        synthetic.SYNTH_BACKGROUNDS = ({**saved["SYNTH_BACKGROUNDS"], **FAR_BACKGROUNDS} if name == "ten-far"
+                                       else dict(V3_BACKGROUNDS))
         if name == "bigger-shapes":
             synthetic.SYNTH_SIZES = {"small": (28, 36), "big": (46, 58)}
         elif name == "ten-backgrounds":
-            synthetic.SYNTH_BACKGROUNDS = {**saved["SYNTH_BACKGROUNDS"], **MORE_BACKGROUNDS}
+            synthetic.SYNTH_BACKGROUNDS = {**V3_BACKGROUNDS, **MORE_BACKGROUNDS}
         elif name == "close-ups":
             synthetic.random_scene = close_up_scene(saved["random_scene"])
         elif name == "grid":
@@ -215,7 +228,7 @@ def variant(name):
         elif name == "shared-colours":
             synthetic.SYNTH_BACKGROUNDS = dict(synthetic.SYNTH_COLORS)
             synthetic.random_scene = shared_colour_scene(saved["random_scene"])
-        else:
+        elif name == "patterned":
             synthetic.random_scene = patterned_scene(saved["random_scene"])
             synthetic.render_scene = repainting_background(saved["render_scene"], paint_pattern)
             synthetic.background_names = patterned_names(saved["background_names"])
@@ -277,7 +290,8 @@ def scene_of(text):
     if phrase and " and " in phrase.group(1):  # two-tone: "pink and teal", top then bottom
         return phrase.group(1), None
     words = set(phrase.group(1).split()) if phrase else set()
-    colours = [c for c in {**synthetic.SYNTH_BACKGROUNDS, **MORE_BACKGROUNDS, **synthetic.SYNTH_COLORS} if c in words]
+    known = {**synthetic.SYNTH_BACKGROUNDS, **V3_BACKGROUNDS, **MORE_BACKGROUNDS, **FAR_BACKGROUNDS, **synthetic.SYNTH_COLORS}
+    colours = [c for c in known if c in words]
     patterns = [p for p in PATTERNS if p in words]
     return colours[0] if len(colours) == 1 else None, patterns[0] if len(patterns) == 1 else None
 

@@ -154,10 +154,10 @@ def test_loudness_recovers_the_parts_of_a_sum_and_what_is_left():
 
 
 def test_cell_contents_name_what_the_cell_holds():
-    scene = synthetic.Scene(256, 256, "teal", (40, 130, 130),
+    scene = synthetic.Scene(256, 256, "olive", synthetic.SYNTH_BACKGROUNDS["olive"],
                             (synthetic.Thing("star", "red", "big", 96, 96, 40, (215, 45, 45)),))
     bg, colours, kinds = diagnose.cell_contents(scene, 1, 1)
-    assert bg == sorted(synthetic.SYNTH_BACKGROUNDS).index("teal")
+    assert bg == sorted(synthetic.SYNTH_BACKGROUNDS).index("olive")
     assert colours == [float(c == "red") for c in sorted(synthetic.SYNTH_COLORS)]
     assert kinds == [float(k == "star") for k in synthetic.SYNTH_SHAPES]
     _, empty_colours, empty_kinds = diagnose.cell_contents(scene, 3, 3)

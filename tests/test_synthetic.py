@@ -2,6 +2,7 @@
 seconds)."""
 
 import json
+import math
 import os
 import random
 import sys
@@ -69,16 +70,16 @@ def test_statements_about_the_scene_are_told_apart_by_the_image_alone():
             if "background" not in hypothesis or label == "neutral":
                 continue
             assert (bg == scene.background) == (label == "entailment"), (hypothesis, label, scene.background)
-            templates[label].add(hypothesis.replace(bg, "X"))
+            templates[label].add(hypothesis.replace(synthetic._a(bg), "a X").replace(bg, "X"))  # a/an X
             named[label].add(bg)
     assert templates["entailment"] == templates["contradiction"] and len(templates["entailment"]) == 3
     assert named["entailment"] == named["contradiction"] == set(synthetic.SYNTH_BACKGROUNDS)
 
     left, right = synthetic.random_scene(random.Random(1)), synthetic.random_scene(random.Random(2))
-    left, right = left._replace(background="teal"), right._replace(background="pink")
-    truth = {"Both images have a teal background.": False, "The left image has a teal background.": True,
-             "Exactly one image has a teal background.": True, "Both images have a pink background.": False,
-             "The left image has a pink background.": False, "Exactly one image has a white background.": False}
+    left, right = left._replace(background="olive"), right._replace(background="sky")
+    truth = {"Both images have an olive background.": False, "The left image has an olive background.": True,
+             "Exactly one image has an olive background.": True, "Both images have a sky background.": False,
+             "The left image has a sky background.": False, "Exactly one image has a white background.": False}
     seen = {}
     for _ in range(3000):
         sentence, predicate, _ = synthetic.synth_nlvr2_statement(rng)
@@ -114,6 +115,17 @@ def test_every_synthetic_caption_names_its_background(world):
     for image in coco:
         for s in image["sentences"]:
             assert any(f"{bg} background" in s["raw"].lower() for bg in synthetic.SYNTH_BACKGROUNDS), s["raw"]
+
+
+def test_backgrounds_lie_far_apart_and_far_from_the_shapes_colours():
+    # A random caption of another image names the image's own background 1 time in len(SYNTH_BACKGROUNDS), and a
+    # model that compares only the scene catches the rest: eight backgrounds allow 7 in 8 (issue 10 asks 0.85).
+    # Backgrounds that lie close are told apart late (README), and a shape on a background of nearly its colour
+    # would not show.
+    backgrounds, colours = list(synthetic.SYNTH_BACKGROUNDS.values()), list(synthetic.SYNTH_COLORS.values())
+    assert len(backgrounds) == 8 and not set(synthetic.SYNTH_BACKGROUNDS) & set(synthetic.SYNTH_COLORS)
+    assert min(math.dist(a, b) for i, a in enumerate(backgrounds) for b in backgrounds[i + 1:]) >= 100
+    assert min(math.dist(a, c) for a in backgrounds for c in colours) >= 75
 
 
 def test_cli_writes_a_world_once(tmp_path, capsys):

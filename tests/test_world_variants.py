@@ -68,6 +68,12 @@ def test_each_variant_writes_a_readable_world_and_restores_synthetic(tmp_path, n
     captions = " ".join(s["raw"].lower() for r in records for s in r["sentences"])
     if name == "patterned":
         assert all(f"{p} " in captions for p in world_variants.PATTERNS)
+    palette = {"ten-far": {**synthetic.SYNTH_BACKGROUNDS, **world_variants.FAR_BACKGROUNDS},
+               "ten-backgrounds": {**world_variants.V3_BACKGROUNDS, **world_variants.MORE_BACKGROUNDS},
+               "shared-colours": synthetic.SYNTH_COLORS}.get(name, world_variants.V3_BACKGROUNDS)
+    named = {world_variants.scene_of(s["raw"])[0] for r in records for s in r["sentences"]} - {None}
+    if name != "two-tone":  # each names one colour of the palette (two-tone: two, checked in its own test)
+        assert named and named <= set(palette), (name, named - set(palette))
     if name == "ten-backgrounds":
         assert all(f"{c} background" in captions for c in world_variants.MORE_BACKGROUNDS)
     with pytest.raises(SystemExit, match="not empty"):
@@ -205,7 +211,7 @@ def test_two_tone_paints_the_bottom_half_of_the_background_only_and_captions_nam
         assert not changed[:half].any() and not (changed & ~on_background).any()
         assert (changed[half:] == on_background[half:]).all()
         bottom_rgb = [min(255, max(0, b + j - t)) for b, j, t in
-                      zip(synthetic.SYNTH_BACKGROUNDS[bottom], scene.bg_rgb, synthetic.SYNTH_BACKGROUNDS[top])]
+                      zip(world_variants.V3_BACKGROUNDS[bottom], scene.bg_rgb, world_variants.V3_BACKGROUNDS[top])]
         assert (img[changed] == bottom_rgb).all()
     kind = world_variants.kind_of_mismatch
     own = "a red star on a pink and teal background"
