@@ -120,12 +120,13 @@ PAPER_RECIPES = {
 # everything from scratch, and three things change (README, "Does the model look at the image?"):
 # - the ResNet gets AdamW, not SGD at 1e-2 (a rate for fine-tuning ImageNet weights: a random ResNet moves 1% in
 #   300 steps), and is never frozen (the freeze protects ImageNet features while the VD starts; there are none);
-# - pre-training runs 15 epochs of 101 steps (16 images x 4 texts): ITM sits at chance (loss ln 2) for its first
+# - pre-training runs 15 epochs of ~100 steps (16 images x 4 texts): ITM sits at chance (loss ln 2) for its first
 #   ~250-950 steps and only then learns to compare text with image; the rate drops x0.1 for the last 2 epochs.
 #   ITM weighs 5 in Eq. 9 (itm_weight, beyond the paper): at initialisation its gradient at the shared
 #   transformer is ~1/35 of MLM's, and AdamW scales a shared weight's step by all of them together; with the
-#   pooler's text mean (soho.py's tiny preset) this made the wait end by step ~940 in 14 of 15 runs (10 seeds,
-#   batches grouped and not); one waited until ~1,360 (README, "Does the model look at the image?");
+#   pooler's text mean (soho.py's tiny preset) this made the wait end by step ~940 in 14 of 15 runs on world v3
+#   (10 seeds, batches grouped and not; one waited until ~1,360) and in 7 of 7 on world v4 (README, "Does the
+#   model look at the image?");
 # - fine-tuning keeps the paper's shape (few epochs, rate dropped late) with smaller batches.
 TINY_BACKBONE = dict(backbone_optimizer="adamw", weight_decay_backbone=1e-2, freeze_backbone_epochs=0)
 TINY_RECIPES = {

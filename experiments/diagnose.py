@@ -31,10 +31,15 @@ Each line answers one suspected cause with a number, on held-out data:
    and one per colour and kind of shape in it (perfect tokens are exactly that): how far apart the colours' vectors
    lie against how far apart the backgrounds' do, and against the residual. Perfect tokens whose colours lie
    0.45 as far apart as their backgrounds are not read in 1,000 steps (oracle_tokens.py --object_scale 0.45).
+12. shared entries: the VD entries the tokens of each background's held-out images take most, and the pairs of
+   backgrounds whose most used entries overlap: such a pair gives the transformer the same tokens, and ITM cannot
+   tell its captions apart until the features move apart (README, "Why eight backgrounds, and not ten").
 With --init the same model is measured at its initialisation (same seed and config), to tell what training did.
 """
 
 import argparse
+import collections
+import itertools
 import os
 import random
 import re
@@ -320,6 +325,25 @@ def mismatches_by(model, ckpt, cfg, kind_of, n_images=250, image_kind=None):
     return {k: (right / n, n) for k, (right, n) in sorted(hits.items())}
 
 
+@torch.no_grad()
+def entries_by_background(model, ckpt, cfg, n_images=250, top=4):
+    """Item 12: ({background: [(entry, share of the background's tokens), ...] for its `top` most used entries},
+    {(background a, background b): [entries among the `top` of both]} for the pairs that share any). The tokens are
+    all of a held-out image's valid tokens, counted under the background its first caption names."""
+    counts = {}
+    for batch in heldout_pretrain_batches(ckpt, cfg, n_images)[1]:
+        V, valid, _ = model.encode(batch["images"], batch["image_mask"])
+        h = model.visual_dictionary.lookup(V)[0]  # [B, l] entry indices
+        for i in range(len(V)):
+            background = background_of(batch["texts"][4 * i])
+            if background:
+                counts.setdefault(background, collections.Counter()).update(h[i][valid[i]].tolist())
+    most = {bg: [(entry, n / sum(c.values())) for entry, n in c.most_common(top)] for bg, c in sorted(counts.items())}
+    shared = {(a, b): sorted({e for e, _ in most[a]} & {e for e, _ in most[b]})
+              for a, b in itertools.combinations(most, 2)}
+    return most, {pair: entries for pair, entries in shared.items() if entries}
+
+
 def background_kind(own_text, text):
     """"same background" or "other background" than the image's own caption names; None if either names none."""
     own, named = background_of(own_text), background_of(text)
@@ -437,6 +461,13 @@ def main():
     for k, parts in cell_loudness(model, cfg).items():
         print(f"     {k:8s} " + ", ".join(f"{part} {v:.2f}" for part, v in parts.items())
               + f" (colour / background {parts['colour'] / parts['background']:.3f})")
+    if cfg.use_vd:
+        most, shared = entries_by_background(model, ckpt, cfg)
+        print("12. most used VD entries of each background's held-out tokens (entry: share):")
+        for background, entries in most.items():
+            print(f"     {background:10s} " + ", ".join(f"{e}: {share:.2f}" for e, share in entries))
+        print("    backgrounds that share any of them: " + (", ".join(f"{a}/{b} ({', '.join(map(str, e))})"
+                                                              for (a, b), e in shared.items()) or "none"))
 
 
 if __name__ == "__main__":

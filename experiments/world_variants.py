@@ -30,7 +30,8 @@ with --data:
                       as loud as today's one, so a random caption names the image's own pair one time in 30
     shared-colours    the backgrounds take the shapes' six colours (a red circle on a blue background; a shape is
                       never the colour of its background): a colour word, learned where it fills the image as a
-                      background, is the same word, and the same pixels, when a shape shows it
+                      background, is the same word, and the same pixels, when a shape shows it. Measured when
+                      captions said "a orange background"; since v4 they say "an orange"
 
 --score CKPT splits a pre-trained model's held-out mismatched captions (those of diagnose.py's item 6) by what they
 share with the image's own scene: its background colour, and on the patterned world its pattern; only a model that
@@ -290,7 +291,8 @@ def scene_of(text):
     if phrase and " and " in phrase.group(1):  # two-tone: "pink and teal", top then bottom
         return phrase.group(1), None
     words = set(phrase.group(1).split()) if phrase else set()
-    known = {**synthetic.SYNTH_BACKGROUNDS, **V3_BACKGROUNDS, **MORE_BACKGROUNDS, **FAR_BACKGROUNDS, **synthetic.SYNTH_COLORS}
+    known = {**synthetic.SYNTH_BACKGROUNDS, **V3_BACKGROUNDS, **MORE_BACKGROUNDS, **FAR_BACKGROUNDS,
+             **synthetic.SYNTH_COLORS}
     colours = [c for c in known if c in words]
     patterns = [p for p in PATTERNS if p in words]
     return colours[0] if len(colours) == 1 else None, patterns[0] if len(patterns) == 1 else None

@@ -164,3 +164,34 @@ def test_cell_contents_name_what_the_cell_holds():
     assert sum(empty_colours) == 0 and sum(empty_kinds) == 0
     _, fine_colours, _ = diagnose.cell_contents(scene, 3, 3, cell=32)  # (96, 96) is that 32-px cell's corner
     assert fine_colours == colours
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_entries_by_background_counts_each_backgrounds_tokens_and_finds_shared_entries(world, merge):
+    """Item 12 with a stand-in dictionary that gives every token of an image the entry of its background (read off
+    the corner pixel, which no shape reaches), or, with merge, gray's tokens black's entry."""
+    names = sorted(synthetic.SYNTH_BACKGROUNDS)
+    rgb = torch.tensor([synthetic.SYNTH_BACKGROUNDS[n] for n in names], dtype=torch.float32)
+
+    class EntryOfTheBackground:
+        def encode(self, images, image_mask):
+            corner = (images[:, :, 0, 0] * data.IMAGENET_STD.view(1, 3) + data.IMAGENET_MEAN.view(1, 3)) * 255
+            entry = torch.cdist(corner, rgb).argmin(1)  # [B] the nearest background colour (jitter is +-8)
+            if merge:
+                entry[entry == names.index("gray")] = names.index("black")
+            V = entry[:, None, None].float().expand(-1, 20, 1)  # [B, l, 1]: the entry, carried as the token
+            return V, torch.ones(len(images), 20, dtype=torch.bool), (4, 5)
+
+        class visual_dictionary:
+            @staticmethod
+            def lookup(V):
+                return (V[..., 0].long(),)
+
+    cfg = soho.PRESETS["tiny"]
+    ckpt = {"vocab_path": os.path.join(world, "vocab.txt"), "data_root": world}
+    most, shared = diagnose.entries_by_background(EntryOfTheBackground(), ckpt, cfg, n_images=32)
+    assert {"gray", "black"} <= set(most) and len(most) >= 4
+    for background, entries in most.items():
+        expected = names.index("black") if merge and background == "gray" else names.index(background)
+        assert entries == [(expected, 1.0)], background
+    assert shared == ({("black", "gray"): [names.index("black")]} if merge else {})
