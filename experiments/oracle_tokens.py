@@ -50,9 +50,9 @@ import synthetic  # noqa: E402
 from diagnose import cell_contents, cell_pixels, loudness, mask_first_of  # noqa: E402
 from pretrain_backbone import backbone_of  # noqa: E402
 from world_variants import variant  # noqa: E402
-from synthetic import SYNTH_BACKGROUNDS, SYNTH_COLORS, SYNTH_SHAPES  # noqa: E402
+from synthetic import SYNTH_COLORS, SYNTH_SHAPES  # noqa: E402
 
-BACKGROUNDS, COLOURS, SHAPES = sorted(SYNTH_BACKGROUNDS), sorted(SYNTH_COLORS), list(SYNTH_SHAPES)
+COLOURS, SHAPES = sorted(SYNTH_COLORS), list(SYNTH_SHAPES)
 CELL = 64  # the token stride of Eq. 1
 
 
@@ -72,7 +72,8 @@ class OracleTokens(nn.Module):
         self.cell = cell
         self.noise, self.variants, self.graded, self.single_cell = noise, variants, graded, single_cell
         self.draw = random.Random("oracle/variants")  # which variant each shape shows: a stream of its own
-        self.background = nn.Embedding(len(BACKGROUNDS), dim)
+        self.backgrounds = sorted(synthetic.SYNTH_BACKGROUNDS)  # the world's, as built (a variant may change them)
+        self.background = nn.Embedding(len(self.backgrounds), dim)
         self.colour = nn.Embedding(len(COLOURS) * variants, dim)  # variant v of colour i: row i * variants + v
         self.shape = nn.Embedding(len(SHAPES) * variants, dim)
         with torch.no_grad():
@@ -93,7 +94,7 @@ class OracleTokens(nn.Module):
                 for c in range(math.ceil(s.width / k)):
                     i = r * gw + c
                     valid[b, i] = True
-                    x = self.background.weight[BACKGROUNDS.index(s.background)]
+                    x = self.background.weight[self.backgrounds.index(s.background)]
                     for t in synthetic.shapes_in_cell(s, r, c, k):  # each shape whose disc reaches the cell
                         if self.single_cell and (int(t.y) // k, int(t.x) // k) != (r, c):
                             continue  # single_cell: only the cell that holds the shape's centre

@@ -30,10 +30,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import soho  # noqa: E402
 import synthetic  # noqa: E402
 import train  # noqa: E402
-from synthetic import SYNTH_BACKGROUNDS, SYNTH_COLORS, SYNTH_SHAPES  # noqa: E402
+from synthetic import SYNTH_COLORS, SYNTH_SHAPES  # noqa: E402
 from world_variants import variant  # noqa: E402  (experiments/ is this script's own folder)
 
-BACKGROUNDS, COLOURS, SHAPES = sorted(SYNTH_BACKGROUNDS), sorted(SYNTH_COLORS), list(SYNTH_SHAPES)
+COLOURS, SHAPES = sorted(SYNTH_COLORS), list(SYNTH_SHAPES)
+
+
+def backgrounds():
+    """The world's background names, sorted, read when called: a world variant may change them (world_variants.py;
+    v3 and the variants built on it have six, v4 eight)."""
+    return sorted(synthetic.SYNTH_BACKGROUNDS)
 
 
 def cell_labels(scenes, grid, reach=0.6):
@@ -56,10 +62,10 @@ def backbone_of(cfg):
 
 
 def head_of(backbone, fixed=False):
-    """The linear head that names a cell's background (6), colours (6) and kinds (5) from its features. fixed: rows
+    """The linear head that names a cell's background (8 on v4), colours (6) and kinds (5) from its features. fixed: rows
     of norm 1 in random directions, zero bias, never trained, so that a label is said only as loudly as the
     features carry it along its row (a learned head can make a quiet direction loud by its own weights)."""
-    head = nn.Linear(backbone.out_channels, len(BACKGROUNDS) + len(COLOURS) + len(SHAPES))
+    head = nn.Linear(backbone.out_channels, len(backgrounds()) + len(COLOURS) + len(SHAPES))
     if fixed:
         with torch.no_grad():
             head.weight.copy_(F.normalize(torch.randn_like(head.weight), dim=1))
@@ -74,12 +80,14 @@ def cell_losses(backbone, head, scenes, cfg):
     images, image_mask = synthetic.scene_batch(scenes, cfg.image_short, cfg.image_long)
     # Eq. 1's grid without its 1x1 projection: the ResNet's last stage, 2x2 max-pooled, one row per 64x64 cell
     cells, valid, grid = soho.encode(images, image_mask, backbone, nn.Identity())  # [B, l, C], [B, l]
-    logits = head(cells)  # [B, l, 6 + 11]
+    names = backgrounds()
+    n = len(names)
+    logits = head(cells)  # [B, l, n + 11]: the backgrounds, then the colours and kinds
     labels = cell_labels(scenes, grid)
-    objects = F.binary_cross_entropy_with_logits(logits[..., 6:][valid], labels[valid])
-    mean = (logits[..., :6] * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)  # [B, 6]
-    background = F.cross_entropy(mean, torch.tensor([BACKGROUNDS.index(s.background) for s in scenes]))
-    said, truth = logits[..., 6:][valid] > 0, labels[valid] > 0
+    objects = F.binary_cross_entropy_with_logits(logits[..., n:][valid], labels[valid])
+    mean = (logits[..., :n] * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)  # [B, n]
+    background = F.cross_entropy(mean, torch.tensor([names.index(s.background) for s in scenes]))
+    said, truth = logits[..., n:][valid] > 0, labels[valid] > 0
     balanced = ((said & truth).sum() / truth.sum() + (~said & ~truth).sum() / (~truth).sum()) / 2
     return objects, background, balanced
 

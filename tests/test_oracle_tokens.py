@@ -16,16 +16,16 @@ def test_a_cell_holds_its_background_and_exactly_the_shapes_that_reach_it():
     torch.manual_seed(0)
     oracle = oracle_tokens.OracleTokens(8)
     red_star = synthetic.Thing("star", "red", "small", x=20, y=20, r=18, rgb=(215, 45, 45))
-    scene = synthetic.Scene(width=320, height=256, background="teal", bg_rgb=(40, 130, 130), things=(red_star,))
+    scene = synthetic.Scene(width=320, height=256, background="olive", bg_rgb=(110, 110, 20), things=(red_star,))
     features, valid, grid = oracle([scene])
     assert grid == (4, 5) and valid.all()
-    teal = oracle.background.weight[oracle_tokens.BACKGROUNDS.index("teal")]
+    olive = oracle.background.weight[oracle.backgrounds.index("olive")]
     red = oracle.colour.weight[oracle_tokens.COLOURS.index("red")]
     star = oracle.shape.weight[oracle_tokens.SHAPES.index("star")]
     with torch.no_grad():
-        torch.testing.assert_close(features[0, 0], teal + red + star)  # the star's cell, (0, 0)
+        torch.testing.assert_close(features[0, 0], olive + red + star)  # the star's cell, (0, 0)
         for i in range(1, 20):  # every other cell shows the background alone
-            torch.testing.assert_close(features[0, i], teal)
+            torch.testing.assert_close(features[0, i], olive)
 
 
 def test_a_short_run_scores_matched_both_kinds_of_mismatch_and_colour_mlm(world):
@@ -36,13 +36,13 @@ def test_a_short_run_scores_matched_both_kinds_of_mismatch_and_colour_mlm(world)
 
 
 def test_cell_pixel_tokens_are_an_mlp_of_each_cells_block_colours():
-    scene = synthetic.Scene(320, 256, "teal", (40, 130, 130), ())
+    scene = synthetic.Scene(320, 256, "olive", (110, 110, 20), ())
     tokens = oracle_tokens.CellPixelTokens(8)
     features, valid, grid = tokens([scene, scene._replace(width=256)])
     assert grid == (4, 5) and features.shape == (2, 20, 8)
     assert valid[0].all() and valid[1].view(4, 5)[:, :4].all() and not valid[1].view(4, 5)[:, 4].any()
     images, _ = synthetic.scene_batch([scene], 256, 384)
-    block = images[0, :, :16, :16].mean((1, 2))  # a plain teal image: every block is the same colour
+    block = images[0, :, :16, :16].mean((1, 2))  # a plain olive image: every block is the same colour
     torch.testing.assert_close(features[0, 7], tokens.mlp(block.repeat_interleave(16)), atol=1e-5, rtol=1e-5)
     fine, fine_valid, fine_grid = oracle_tokens.CellPixelTokens(8, cell=32)([scene])
     assert fine_grid == (8, 10) and fine.shape == (1, 80, 8) and fine_valid.all()
@@ -67,7 +67,7 @@ def test_object_scale_scales_the_shapes_embeddings_only():
 
 def plain_scene():
     red_star = synthetic.Thing("star", "red", "small", x=20, y=20, r=18, rgb=(215, 45, 45))
-    return synthetic.Scene(width=320, height=256, background="teal", bg_rgb=(40, 130, 130), things=(red_star,))
+    return synthetic.Scene(width=320, height=256, background="olive", bg_rgb=(110, 110, 20), things=(red_star,))
 
 
 def test_offset_shifts_every_real_cell_by_one_vector_and_noise_adds_fresh_numbers():
@@ -90,7 +90,7 @@ def test_offset_shifts_every_real_cell_by_one_vector_and_noise_adds_fresh_number
 def test_centred_takes_each_images_mean_share_out_and_scaled_multiplies():
     torch.manual_seed(0)
     tokens = oracle_tokens.OracleTokens(8)
-    scenes = [plain_scene(), plain_scene()._replace(width=256, background="pink")]
+    scenes = [plain_scene(), plain_scene()._replace(width=256, background="sky")]
     base, valid, grid = tokens(scenes)
     for share in (1.0, 0.8):
         centred, c_valid, c_grid = oracle_tokens.Centred(tokens, share)(scenes)
@@ -144,21 +144,21 @@ def test_graded_and_variant_tokens_scale_or_swap_the_shapes_vectors():
     torch.manual_seed(0)
     graded = oracle_tokens.OracleTokens(8, graded=True)
     features, _, _ = graded([scene])
-    teal = graded.background.weight[oracle_tokens.BACKGROUNDS.index("teal")]
+    olive = graded.background.weight[graded.backgrounds.index("olive")]
     red = graded.colour.weight[oracle_tokens.COLOURS.index("red")]
     star = graded.shape.weight[oracle_tokens.SHAPES.index("star")]
     w = oracle_tokens.disc_coverage(scene.things[0], 0, 0) * 64 ** 2 / (3.14159265 * 22 ** 2)
     with torch.no_grad():
-        torch.testing.assert_close(features[0, 0], teal + w * (red + star))
+        torch.testing.assert_close(features[0, 0], olive + w * (red + star))
     varied = oracle_tokens.OracleTokens(8, variants=4)
     assert varied.colour.weight.shape == (24, 8) and varied.shape.weight.shape == (20, 8)
-    teal = varied.background.weight[oracle_tokens.BACKGROUNDS.index("teal")]
+    olive = varied.background.weight[varied.backgrounds.index("olive")]
     i, k = oracle_tokens.COLOURS.index("red"), oracle_tokens.SHAPES.index("star")
     seen = set()
     with torch.no_grad():
         for _ in range(40):
             cell = varied([scene])[0][0, 0]
-            v = [v for v in range(4) if torch.allclose(cell, teal + varied.colour.weight[4 * i + v]
+            v = [v for v in range(4) if torch.allclose(cell, olive + varied.colour.weight[4 * i + v]
                                                              + varied.shape.weight[4 * k + v])]
             assert len(v) == 1  # one variant, the same for the colour and the kind
             seen.add(v[0])
@@ -167,16 +167,16 @@ def test_graded_and_variant_tokens_scale_or_swap_the_shapes_vectors():
 
 def test_single_cell_puts_a_shape_only_in_the_cell_of_its_centre():
     big = synthetic.Thing("circle", "blue", "big", x=70, y=70, r=40, rgb=(45, 85, 215))  # reaches cells (0..1, 0..1)
-    scene = synthetic.Scene(width=256, height=256, background="teal", bg_rgb=(40, 130, 130), things=(big,))
+    scene = synthetic.Scene(width=256, height=256, background="olive", bg_rgb=(110, 110, 20), things=(big,))
     torch.manual_seed(0)
     spread, single = oracle_tokens.OracleTokens(8), oracle_tokens.OracleTokens(8, single_cell=True)
     single.load_state_dict(spread.state_dict())
-    teal = spread.background.weight[oracle_tokens.BACKGROUNDS.index("teal")]
+    olive = spread.background.weight[spread.backgrounds.index("olive")]
     with torch.no_grad():
         everywhere, _, _ = spread([scene])
         once, _, _ = single([scene])
-    assert [i for i in range(16) if not torch.equal(everywhere[0, i], teal)] == [0, 1, 4, 5]
-    assert [i for i in range(16) if not torch.equal(once[0, i], teal)] == [5]  # (70, 70) lies in cell (1, 1)
+    assert [i for i in range(16) if not torch.equal(everywhere[0, i], olive)] == [0, 1, 4, 5]
+    assert [i for i in range(16) if not torch.equal(once[0, i], olive)] == [5]  # (70, 70) lies in cell (1, 1)
     torch.testing.assert_close(once[0, 5], everywhere[0, 5])
     fine, fine_valid, fine_grid = oracle_tokens.OracleTokens(8, cell=32)([scene])  # a grid four times as fine
     assert fine_grid == (8, 8) and fine_valid.all()

@@ -16,7 +16,7 @@ import synthetic  # noqa: E402
 def test_cell_labels_name_the_colour_and_kind_of_each_shape_in_its_cells():
     red_star = synthetic.Thing("star", "red", "small", 32, 32, 20, (215, 45, 45))  # inside cell (0, 0)
     blue_circle = synthetic.Thing("circle", "blue", "big", 192, 128, 40, (45, 85, 215))  # on the cells' corner
-    scene = synthetic.Scene(256, 256, "teal", (40, 130, 130), (red_star, blue_circle))
+    scene = synthetic.Scene(256, 256, "olive", (110, 110, 20), (red_star, blue_circle))
     labels = pretrain_backbone.cell_labels([scene], (4, 4))
     assert labels.shape == (1, 16, 11)
     colours, shapes = pretrain_backbone.COLOURS, pretrain_backbone.SHAPES
@@ -43,8 +43,9 @@ def test_a_short_run_writes_a_resnet_that_train_py_loads(tmp_path):
 def test_a_fixed_head_has_unit_rows_no_bias_and_is_not_trained():
     backbone = pretrain_backbone.backbone_of(soho.PRESETS["tiny"])
     head = pretrain_backbone.head_of(backbone, fixed=True)
-    assert head.weight.shape == (17, backbone.out_channels)
-    torch.testing.assert_close(head.weight.norm(dim=1), torch.ones(17))
+    rows = len(synthetic.SYNTH_BACKGROUNDS) + len(synthetic.SYNTH_COLORS) + len(synthetic.SYNTH_SHAPES)  # 8 + 6 + 5
+    assert head.weight.shape == (rows, backbone.out_channels)
+    torch.testing.assert_close(head.weight.norm(dim=1), torch.ones(rows))
     assert (head.bias == 0).all() and not any(p.requires_grad for p in head.parameters())
     assert all(p.requires_grad for p in pretrain_backbone.head_of(backbone).parameters())
 
