@@ -45,8 +45,8 @@ SYNTH_SHAPES = ("circle", "square", "triangle", "diamond", "star")
 SYNTH_SIZES = {"small": (18, 26), "big": (38, 52)}  # radius in pixels
 # Eight backgrounds, each at least 100 (RGB distance) from every other and 75 from every shape colour. Every caption
 # names its background, and a random caption of another image names the same one 1 time in 8: a model that compares
-# only the scene catches 7 in 8 random mismatches (with v3's six, 5 in 6, under the 0.85 that issue 10 asks). Ten
-# did not fit the budget: pairs of backgrounds that share visual-dictionary entries stay confused for longer
+# only the scene catches 7 in 8 random mismatches (with v3's six, 5 in 6: under the 0.85 the tiny run now reaches).
+# Ten did not fit the budget: pairs of backgrounds that share visual-dictionary entries stay confused for longer
 # (README, "Does the model look at the image?").
 SYNTH_BACKGROUNDS = {"white": (236, 236, 230), "gray": (128, 128, 128), "black": (32, 32, 38), "olive": (110, 110, 20),
                      "lime": (160, 240, 60), "sky": (140, 200, 240), "violet": (200, 120, 230),
