@@ -210,7 +210,7 @@ def cell_contents(scene, r, c, reach=0.6, cell=64):
     """(background index, [6] colours and [5] kinds 0/1) of grid cell (r, c) of `cell` pixels: the shapes whose
     centre lies within `reach` x their radius of the cell."""
     things = synthetic.shapes_in_cell(scene, r, c, cell, reach=reach)
-    return (sorted(synthetic.SYNTH_BACKGROUNDS).index(scene.background),
+    return (synthetic.background_names().index(scene.background),
             [float(any(t.color == k for t in things)) for k in sorted(SYNTH_COLORS)],
             [float(any(t.shape == k for t in things)) for k in SYNTH_SHAPES])
 
@@ -287,12 +287,13 @@ def term_gradients(model, batch):
     return result
 
 
-BACKGROUND_PHRASE = re.compile(r"(?:on|against) an? ([a-z]+) background")  # synth_captions' wordings
+BACKGROUND_PHRASE = re.compile(r"(?:on|against) an? ([a-z ]+?) background")  # synth_captions' three wordings
 
 
 def background_of(text):
-    """The background colour a synthetic caption names ("... on a teal background"), in any world version; None
-    if it names none."""
+    """The background a synthetic caption names ("teal" in "... on a teal background"; on world_variants.py's
+    patterned or two-tone worlds the whole name, "plain teal", "pink and teal"), in any world version; None if it
+    names none."""
     phrase = BACKGROUND_PHRASE.search(text.lower())
     return phrase.group(1) if phrase else None
 

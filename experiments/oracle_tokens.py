@@ -72,7 +72,7 @@ class OracleTokens(nn.Module):
         self.cell = cell
         self.noise, self.variants, self.graded, self.single_cell = noise, variants, graded, single_cell
         self.draw = random.Random("oracle/variants")  # which variant each shape shows: a stream of its own
-        self.backgrounds = sorted(synthetic.SYNTH_BACKGROUNDS)  # the world's, as built (a variant may change them)
+        self.backgrounds = synthetic.background_names()  # the world's, as built (a variant may change them)
         self.background = nn.Embedding(len(self.backgrounds), dim)
         self.colour = nn.Embedding(len(COLOURS) * variants, dim)  # variant v of colour i: row i * variants + v
         self.shape = nn.Embedding(len(SHAPES) * variants, dim)

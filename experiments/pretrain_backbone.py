@@ -36,12 +36,6 @@ from world_variants import variant  # noqa: E402  (experiments/ is this script's
 COLOURS, SHAPES = sorted(SYNTH_COLORS), list(SYNTH_SHAPES)
 
 
-def backgrounds():
-    """The world's background names, sorted, read when called: a world variant may change them (world_variants.py;
-    v3 and the variants built on it have six, v4 eight)."""
-    return sorted(synthetic.SYNTH_BACKGROUNDS)
-
-
 def cell_labels(scenes, grid, reach=0.6):
     """[B, gh * gw, 11] 0/1: the colours (6, sorted) and kinds (5) with a shape in each cell; cells beyond a
     scene's own size are all 0."""
@@ -62,10 +56,11 @@ def backbone_of(cfg):
 
 
 def head_of(backbone, fixed=False):
-    """The linear head that names a cell's background (8 on v4), colours (6) and kinds (5) from its features. fixed: rows
-    of norm 1 in random directions, zero bias, never trained, so that a label is said only as loudly as the
-    features carry it along its row (a learned head can make a quiet direction loud by its own weights)."""
-    head = nn.Linear(backbone.out_channels, len(backgrounds()) + len(COLOURS) + len(SHAPES))
+    """The linear head that names a cell's background (8 on v4), colours (6) and kinds (5) from its features.
+    fixed: rows of norm 1 in random directions, zero bias, never trained, so that a label is said only as loudly as
+    the features carry it along its row (a learned head can make a quiet direction loud by its own weights)."""
+    # the world's backgrounds, read when the head is built: a world variant may change them (v3 has six, v4 eight)
+    head = nn.Linear(backbone.out_channels, len(synthetic.background_names()) + len(COLOURS) + len(SHAPES))
     if fixed:
         with torch.no_grad():
             head.weight.copy_(F.normalize(torch.randn_like(head.weight), dim=1))
@@ -80,7 +75,7 @@ def cell_losses(backbone, head, scenes, cfg):
     images, image_mask = synthetic.scene_batch(scenes, cfg.image_short, cfg.image_long)
     # Eq. 1's grid without its 1x1 projection: the ResNet's last stage, 2x2 max-pooled, one row per 64x64 cell
     cells, valid, grid = soho.encode(images, image_mask, backbone, nn.Identity())  # [B, l, C], [B, l]
-    names = backgrounds()
+    names = synthetic.background_names()
     n = len(names)
     logits = head(cells)  # [B, l, n + 11]: the backgrounds, then the colours and kinds
     labels = cell_labels(scenes, grid)

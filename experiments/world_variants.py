@@ -47,7 +47,6 @@ outside this script are the default world's.
 import argparse
 import contextlib
 import os
-import re
 import sys
 import tempfile
 
@@ -58,7 +57,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import synthetic  # noqa: E402
 import train  # noqa: E402
-from diagnose import mismatches_by  # noqa: E402  (experiments/ is this script's own folder)
+from diagnose import BACKGROUND_PHRASE, mismatches_by  # noqa: E402  (experiments/ is this script's own folder)
 
 PATTERNS = ("plain", "striped", "checked")
 V3_BACKGROUNDS = {"white": (236, 236, 230), "gray": (150, 150, 150), "black": (32, 32, 38), "brown": (120, 85, 55),
@@ -278,9 +277,6 @@ def coco_scenes(name, seed=0, n_images=2000):
 def is_close_up(scene):
     """Whether a scene is a close-up of the close-ups variant (one shape, of a close-up's radius)."""
     return len(scene.things) == 1 and scene.things[0].r >= CLOSE_UP_RADII[0]
-
-
-BACKGROUND_PHRASE = re.compile(r"(?:on|against) an? ([a-z ]+?) background")  # synth_captions' three wordings
 
 
 def scene_of(text):

@@ -119,7 +119,7 @@ def test_every_synthetic_caption_names_its_background(world):
 
 def test_backgrounds_lie_far_apart_and_far_from_the_shapes_colours():
     # A random caption of another image names the image's own background 1 time in len(SYNTH_BACKGROUNDS), and a
-    # model that compares only the scene catches the rest: eight backgrounds allow 7 in 8 (issue 10 asks 0.85).
+    # model that compares only the scene catches the rest: eight backgrounds allow 7 in 8 (the tiny run's bar: 0.85).
     # Backgrounds that lie close are told apart late (README), and a shape on a background of nearly its colour
     # would not show.
     backgrounds, colours = list(synthetic.SYNTH_BACKGROUNDS.values()), list(synthetic.SYNTH_COLORS.values())
